@@ -1,0 +1,8 @@
+"""The one error type users see: a one-line message naming the problem, exit code 2."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input (config, data, budgets, files). The CLI prints ``error: <message>`` and exits 2."""
+
+    exit_code = 2

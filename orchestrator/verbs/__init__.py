@@ -1,0 +1,1 @@
+"""One module per `mpqsweep` verb; each exposes register(subparsers)."""

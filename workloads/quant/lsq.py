@@ -1,0 +1,127 @@
+"""LSQ quantizers that hold one learnable step size per candidate bit-width (LIMPQ).
+
+A quantizer is switched to one of its candidate bits (or to ``None``: full precision) and then
+quantizes with that bit's own step size. The step sizes are LIMPQ's importance indicators.
+
+Forward, per LIMPQ / LSQ:
+    s  = clamp(s_b, 1e-5)
+    g  = 1 / sqrt(q_max * numel(x))
+    s' = s*g + (s - s*g).detach()          # value s, gradient scaled by g
+    q  = round_ste(clamp(x / s', q_min, q_max)) * s'
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MIN_STEP = 1e-5
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Value of ``x``, gradient multiplied by ``scale``."""
+    y = x * scale
+    return y + (x - y).detach()
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return x + (x.round() - x).detach()
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    q_min, q_max = qrange(bits, signed)
+    s = step.clamp(min=MIN_STEP)
+    s = grad_scale(s, 1.0 / math.sqrt(q_max * x.numel()))
+    return round_ste(torch.clamp(x / s, q_min, q_max)) * s
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+class LsqQuantizer(nn.Module):
+    """Per-tensor LSQ quantizer with one step size per candidate bit-width.
+
+    kind="weight": signed, step initialised at first use from the tensor's statistics
+    (max(|mu-3sigma|, |mu+3sigma|) / 2^(b-1)).
+    kind="act": unsigned unless the first batch it initialises on holds negative values (the
+    network input, MobileNetV2's linear bottlenecks); step initialised lazily at the first
+    *training* batch seen at each bit as 2*mean|x|/sqrt(q_max), averaged over data-parallel ranks.
+    """
+
+    def __init__(self, bits: Iterable[int], kind: str):
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise ValueError(f"quantizer kind must be 'weight' or 'act', got {kind!r}")
+        self.bits = tuple(int(b) for b in bits)
+        if not self.bits or len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"candidate bits must be distinct and non-empty, got {self.bits}")
+        self.kind = kind
+        self.step = nn.ParameterDict({str(b): nn.Parameter(torch.tensor(1.0)) for b in self.bits})
+        # Buffers, so they travel with state_dict checkpoints and are broadcast like other state.
+        self.register_buffer("initialized", torch.zeros(len(self.bits), dtype=torch.bool))
+        self.register_buffer("signed_flag", torch.tensor(kind == "weight"))
+        self.register_buffer("signed_decided", torch.tensor(kind == "weight"))
+        self.active: int | None = None
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signed_flag)
+
+    def set_bits(self, bits: int | None) -> None:
+        if bits is not None and bits not in self.bits:
+            raise ValueError(f"bit-width {bits} is not a candidate of this quantizer {self.bits}")
+        self.active = bits
+
+    def step_value(self, bits: int) -> float:
+        return float(self.step[str(bits)].detach().clamp(min=MIN_STEP))
+
+    @torch.no_grad()
+    def _init_step(self, x: torch.Tensor, bits: int) -> None:
+        idx = self.bits.index(bits)
+        if self.kind == "weight":
+            mu, sigma = x.mean(), x.std()
+            val = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / 2 ** (bits - 1)
+        else:
+            if not bool(self.signed_decided):
+                has_neg = _all_reduce_mean((x.min() < 0).float().reshape(1))
+                self.signed_flag.fill_(bool(has_neg.item() > 0))
+                self.signed_decided.fill_(True)
+            _, q_max = qrange(bits, self.signed)
+            val = _all_reduce_mean(2 * x.abs().mean().reshape(1))[0] / math.sqrt(q_max)
+        self.step[str(bits)].data.fill_(float(val.clamp(min=MIN_STEP)))
+        self.initialized[idx] = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.active
+        if bits is None:
+            return x
+        idx = self.bits.index(bits)
+        if not bool(self.initialized[idx]):
+            # Weights: any forward may initialise (statistics do not depend on the data).
+            # Activations: only a training batch, as in LIMPQ; eval before init stays FP-safe.
+            if self.kind == "weight" or self.training:
+                self._init_step(x.detach(), bits)
+            else:
+                raise RuntimeError(
+                    "activation quantizer evaluated at a bit-width it has never been trained or "
+                    "calibrated at; run a training or calibration batch first"
+                )
+        return lsq_quantize(x, self.step[str(bits)], bits, self.signed)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bits={self.bits}, active={self.active}"
