@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from workloads.errors import InputError
 
 # Order here is the order `mpqsweep --help` lists them.
 VERB_MODULES = [
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except UserError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,211 @@
+"""Training and evaluation loops, pure PyTorch (the orchestrator runs them inside Ray Train workers).
+
+- ``joint_step``: LIMPQ's one-time joint training step (Algorithm 1): zero_grad once; for each
+  candidate bit b a forward/backward with every searchable layer (and its BN) at b; then one
+  uniformly random policy; gradients summed; averaged across data-parallel ranks once; clip_grad_value
+  1; one optimizer step.
+- ``train_epoch`` / ``evaluate`` / ``recalibrate_bn`` for FP pretraining and single-policy QAT.
+
+Why the joint step averages gradients itself instead of relying on DDP's autograd hooks: it runs
+n+1 backward passes per optimizer step, and on the last (random-policy) pass most per-bit step sizes
+and BNs are unused. DDP with ``no_sync`` + ``find_unused_parameters`` leaves globally unused
+parameters' accumulated gradients un-averaged, so ranks would drift. One bucketed all-reduce of the
+summed gradients per step is exact and cheaper (one collective instead of n+1).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .quant.policy import Policy
+from .quant.swap import set_random, set_uniform
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+                drop_last: bool | None = None) -> DataLoader:
+    """A loader that shards with DistributedSampler when torch.distributed is initialised."""
+    rank, size = world()
+    sampler = None
+    if size > 1:
+        sampler = DistributedSampler(ds, num_replicas=size, rank=rank, shuffle=train, seed=seed,
+                                     drop_last=train)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=(train and sampler is None), sampler=sampler,
+                      num_workers=num_workers, drop_last=train if drop_last is None else drop_last,
+                      generator=g, pin_memory=torch.cuda.is_available())
+
+
+def allreduce_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Average gradients over ranks in one flat all-reduce (a missing gradient counts as zero)."""
+    _, size = world()
+    if size == 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Make every rank start from rank 0's parameters and buffers."""
+    if world()[1] == 1:
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+
+
+@dataclass
+class JointStepResult:
+    loss: float
+    policies: list[Policy] = field(default_factory=list)
+
+
+def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequence[int],
+               optimizer: torch.optim.Optimizer, criterion: nn.Module, generator: torch.Generator,
+               scaler: "torch.amp.GradScaler | None" = None, amp_dtype: torch.dtype | None = None) -> JointStepResult:
+    """One LIMPQ joint step. ``generator`` draws the random policy; seed it identically on all
+    ranks so they draw the same policy (and the lazy step-size inits line up)."""
+    optimizer.zero_grad(set_to_none=True)
+    policies, total = [], 0.0
+    steps: list[Callable[[], Policy]] = [(lambda b=b: set_uniform(model, b)) for b in bits]
+    steps.append(lambda: set_random(model, list(bits), generator))
+    for configure in steps:
+        policies.append(configure())
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = criterion(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += float(loss.detach())
+    params = [p for p in model.parameters() if p.requires_grad]
+    allreduce_gradients(params)
+    if scaler:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_value_(params, 1.0)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return JointStepResult(total / len(steps), policies)
+
+
+def single_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                criterion: nn.Module, clip: float | None = None, scaler=None,
+                amp_dtype: torch.dtype | None = None) -> float:
+    """One ordinary step (FP pretraining, single-policy QAT). Under DDP the gradient sync is DDP's."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = criterion(model(x), y)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    if clip:
+        torch.nn.utils.clip_grad_value_(model.parameters(), clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(loss.detach())
+
+
+def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 2.5e-5) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+    """Linear warm-up then cosine decay to zero, stepped once per optimizer step."""
+    total_steps = max(1, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu",
+             criterion: nn.Module | None = None) -> dict[str, float]:
+    """Top-1, top-5 (as fractions) and mean loss; summed across ranks when distributed."""
+    criterion = criterion or nn.CrossEntropyLoss()
+    was = model.training
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss_sum
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        k = min(5, out.shape[1])
+        topk = out.topk(k, dim=1).indices
+        correct = topk.eq(y[:, None])
+        stats += torch.tensor([len(y), correct[:, 0].sum().item(), correct.any(1).sum().item(),
+                               float(criterion(out, y)) * len(y)], dtype=torch.float64, device=device)
+    if world()[1] > 1:
+        dist.all_reduce(stats)
+    model.train(was)
+    n = max(1.0, float(stats[0]))
+    return {"top1": float(stats[1]) / n, "top5": float(stats[2]) / n, "loss": float(stats[3]) / n,
+            "samples": int(stats[0])}
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 20,
+                   device: torch.device | str = "cpu") -> None:
+    """Re-estimate BatchNorm running statistics for the current quantized configuration
+    (cumulative average over ``num_batches`` training batches), as LIMPQ does before evaluation."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was = model.training
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= num_batches:
+            break
+        model(x.to(device))
+    for m, mom in saved:
+        m.momentum = mom
+    model.train(was)
+
+
+def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criterion: nn.Module,
+                device="cpu", clip: float | None = None, on_step: Callable[[int, float], None] | None = None,
+                scaler=None, amp_dtype=None) -> dict[str, float]:
+    model.train()
+    t0, losses, n, steps = time.perf_counter(), 0.0, 0, 0
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = single_step(model, x, y, optimizer, criterion, clip, scaler, amp_dtype)
+        if scheduler is not None:
+            scheduler.step()
+        losses += loss
+        n += len(y)
+        steps += 1
+        if on_step:
+            on_step(i, loss)
+    dt = time.perf_counter() - t0
+    return {"loss": losses / steps if steps else float("nan"), "samples": n, "seconds": dt}
