@@ -1,0 +1,58 @@
+"""Connecting to Ray: a local single-node Ray for laptops/CI, or an existing cluster by address.
+
+Ray 2.60 keeps token authentication on by default; we never turn it off. A local Ray binds to
+127.0.0.1 and starts no dashboard unless asked (``MPQ_RAY_DASHBOARD=1``).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import ray
+
+from .errors import UserError
+from .paths import StudyPaths
+
+
+def init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None = None,
+             num_gpus: int | None = None) -> bool:
+    """Start or join Ray unless already initialised. Returns True if this call started it."""
+    if ray.is_initialized():
+        return False
+    # Workers import our packages from the driver's environment; keep their logs quiet.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=os.environ.get("MPQ_RAY_DASHBOARD") == "1",
+                          dashboard_host="127.0.0.1", log_to_driver=True)
+            if paths is not None:
+                kwargs["_temp_dir"] = str(paths.ray_temp_dir())
+            ray.init(**kwargs)
+    except (ConnectionError, TimeoutError, RuntimeError) as e:
+        raise UserError(f"cannot reach Ray at {address or 'local'}: {str(e).splitlines()[0]}") from None
+    return True
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | None = None) -> Iterator[None]:
+    started = init_ray(address, num_cpus, paths)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
+    """Fail fast, with one clear line, when the cluster can never satisfy a training run."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if use_gpu and gpus < num_workers:
+        raise UserError(f"config asks for {num_workers} GPU worker(s) but the Ray cluster has {gpus:g} GPU(s)")
+    if cpus < num_workers * cpus_per_worker:
+        raise UserError(f"config asks for {num_workers} worker(s) x {cpus_per_worker} CPU but the Ray cluster "
+                        f"has {cpus:g} CPU(s)")
