@@ -317,3 +317,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` (how workers receive it: plain data, no pickle)."""
+    return _build(Config, data, "").validate()

@@ -1,0 +1,196 @@
+"""Finetunes of chosen policies on Ray Tune: one trial per (policy, learning rate).
+
+Each trial is single-bit LSQ QAT of its policy (``quantize_model(..., policy=...)``) from the FP
+weights, cosine LR with warm-up, BN statistics recalibrated before every evaluation, top-1 / top-5 /
+loss reported per epoch with a checkpoint. A trial runs in one process, or — with
+``resources.num_workers > 1`` — as a Ray Train run with DDP inside the trial. ASHA is optional.
+``Tuner.restore`` resumes an interrupted sweep; trials that finished are not rerun.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from workloads.data import load_data
+from workloads.models import build_model, load_weights
+from workloads.quant import Policy, quantize_model
+from workloads.train import cosine_with_warmup, evaluate, make_loader, recalibrate_bn, sgd, train_epoch
+
+from .config import Config, config_from_dict
+from .errors import UserError
+from .paths import StudyPaths
+
+CKPT = "state.pt"
+
+
+@dataclass
+class TrialOutcome:
+    policy_id: str
+    lr: float
+    metrics: dict            # last reported metrics (top1, top5, loss, epoch, ...)
+    history: list[dict]      # one dict per reported epoch
+    status: str              # "TERMINATED" | "ERROR" | ...
+
+
+def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, distributed: bool) -> None:
+    """Per-process loop shared by the single-process trial and the DDP workers."""
+    cfg: Config = config_from_dict(loop_cfg["study"])
+    policy = Policy.from_json(loop_cfg["policy"])
+    lr = float(loop_cfg["lr"])
+    torch.manual_seed(cfg.study.seed)
+    if distributed:
+        import ray.train.torch as rtt
+
+        device = rtt.get_device()
+    else:
+        device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
+    data = load_data(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.study.seed,
+                     image_size=cfg.data.image_size)
+    model = build_model(cfg.model.name, data.num_classes, data.input_shape[0])
+    load_weights(model, loop_cfg["init_checkpoint"])
+    if loop_cfg.get("init_is_quantized"):
+        raise UserError("finetune.from_indicator_model is not supported with single-bit finetuning yet")
+    quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
+    model.to(device)
+    train_loader = make_loader(data.train, cfg.data.batch_size, True, cfg.study.seed, cfg.data.loader_workers)
+    val_loader = make_loader(data.val, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
+    ft = cfg.finetune
+    steps = ft.epochs * len(train_loader)
+    optimizer = sgd(model, lr, ft.momentum, ft.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, steps, int(ft.warmup_epochs * len(train_loader)))
+    start_epoch = 0
+    ckpt = get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+    train_model = model
+    if distributed:
+        import ray.train.torch as rtt
+
+        # Initialise the activation step sizes on every rank before DDP registers parameters.
+        model.train()
+        with torch.no_grad():
+            model(next(iter(train_loader))[0].to(device))
+        train_model = rtt.prepare_model(model, move_to_device=False)
+    criterion = nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
+    amp = torch.bfloat16 if (cfg.resources.amp and device.type == "cuda") else None
+    for epoch in range(start_epoch, max(ft.epochs, 1)):
+        t0 = time.perf_counter()
+        train = {"loss": float("nan")}
+        if ft.epochs > 0:
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            train = train_epoch(train_model, train_loader, optimizer, scheduler, criterion, device, amp_dtype=amp)
+        # With zero epochs this pass is the calibration: it initialises LSQ activation steps.
+        recalibrate_bn(model, train_loader, ft.bn_recalib_batches or 1, device)
+        metrics = evaluate(model, val_loader, device)
+        metrics.update(epoch=epoch, train_loss=train["loss"], epoch_seconds=time.perf_counter() - t0,
+                       training_iteration_epochs=epoch + 1)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            rank = int(os.environ.get("RANK", "0")) if distributed else 0
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(d) / CKPT)
+                from ray.tune import Checkpoint
+
+                checkpoint = Checkpoint.from_directory(d)
+            report(metrics, checkpoint=checkpoint)
+
+
+def finetune_trial(config: dict) -> None:
+    """Tune function trainable."""
+    import ray.tune as tune
+
+    cfg = config_from_dict(config["study"])
+    if cfg.resources.num_workers <= 1:
+        _train_loop(config, tune.report, tune.get_checkpoint, distributed=False)
+        return
+    import ray.train as rt
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    def worker(loop_cfg):
+        _train_loop(loop_cfg, rt.report, rt.get_checkpoint, distributed=True)
+
+    trial = tune.get_context().get_trial_name()
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if cfg.resources.use_gpu else "gloo"),
+        scaling_config=rt.ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
+                                        resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
+        run_config=rt.RunConfig(name=f"{trial}-ddp", storage_path=config["storage_path"],
+                                failure_config=rt.FailureConfig(max_failures=cfg.resources.max_failures),
+                                callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_checkpoint: Path,
+                  name: str = "finetune") -> list[TrialOutcome]:
+    """Run (or resume) the Tune sweep over ``policies`` x learning rates; return one outcome per trial."""
+    import ray.tune as tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not policies:
+        return []
+    ft = cfg.finetune
+    lrs = [ft.lr] + [lr for lr in ft.lr_grid if lr != ft.lr]
+    storage = paths.ray_storage(cfg.resources.storage_path)
+    by_id = {p.policy_id: p.to_json() for p in policies}
+    param_space = {
+        "policy_id": tune.grid_search(sorted(by_id)),
+        "lr": tune.grid_search(lrs),
+        "policies": by_id,
+        "study": cfg.to_dict(),
+        "init_checkpoint": str(init_checkpoint),
+        "storage_path": storage,
+    }
+
+    def trainable(config):
+        finetune_trial({**config, "policy": config["policies"][config["policy_id"]]})
+
+    workers = cfg.resources.num_workers
+    per_trial = (tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": cfg.resources.cpus_per_worker,
+                                                             "GPU": 1 if cfg.resources.use_gpu else 0}] * workers)
+                 if workers > 1 else {"cpu": cfg.resources.cpus_per_worker, "gpu": 1 if cfg.resources.use_gpu else 0})
+    trainable = tune.with_resources(trainable, per_trial)
+    scheduler = (ASHAScheduler(time_attr="training_iteration_epochs", metric="top1", mode="max",
+                               max_t=max(1, ft.epochs), grace_period=1) if ft.asha else None)
+    exp_path = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(exp_path):
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=ft.max_concurrent_trials,
+                                        reuse_actors=False),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
+    results = tuner.fit()
+    outcomes = []
+    for r in results:
+        df = r.metrics_dataframe
+        history = [] if df is None else [
+            {k: float(row[k]) for k in ("epoch", "top1", "top5", "loss", "train_loss") if k in row and row[k] == row[k]}
+            for _, row in df.iterrows()]
+        outcomes.append(TrialOutcome(policy_id=r.config["policy_id"], lr=float(r.config["lr"]),
+                                     metrics=dict(r.metrics or {}), history=history,
+                                     status="ERROR" if r.error else "TERMINATED"))
+    return outcomes
