@@ -1,0 +1,53 @@
+"""`mpqsweep indicators CONFIG [key=value ...]`: pretrain (if no weights are given) and the LIMPQ
+indicator stage only; prints where the table went and a short per-layer summary."""
+from __future__ import annotations
+
+import logging
+
+
+def register(sub) -> None:
+    p = sub.add_parser("indicators", help="pretrain (if needed) and learn the LIMPQ importance indicators only")
+    p.add_argument("config", help="study YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. indicators.epochs=1")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..config import load_config
+    from ..paths import StudyPaths
+    from ..ray_session import ray_session, require_resources
+    from ..training import run_indicators, run_pretrain
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)  # validated before any work starts
+    paths = StudyPaths(cfg.study_dir)
+    with ray_session(cfg.resources.address, cfg.resources.num_cpus, paths):
+        require_resources(cfg.resources.num_workers, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
+        fp = None
+        if not cfg.indicators.import_path:
+            pre = run_pretrain(cfg, paths)
+            if not pre.skipped:
+                last = pre.history[-1] if pre.history else {}
+                print(f"[pretrain] {pre.checkpoint}: top-1 {last.get('top1', float('nan')):.4f} after "
+                      f"{len(pre.history)} epoch(s), {pre.wall_seconds:.1f}s")
+            fp = pre.checkpoint
+        res = run_indicators(cfg, paths, fp)
+    ind = res.indicators
+    how = "imported" if res.imported else ("existing, skipped" if res.skipped else
+                                           f"trained {len(res.history)} epoch(s) in {res.wall_seconds:.1f}s")
+    print(f"[indicators] {how}: {len(ind.layers)} searchable layers x bits {ind.bits}, "
+          f"{len(ind.fixed)} fixed (W8A8)")
+    print(f"  table: {res.parquet}")
+    print(f"  json:  {res.json}")
+    if res.model_path:
+        print(f"  multi-bit model: {res.model_path}")
+    grow = total = 0
+    for layer in ind.layers:
+        for values in (layer.weight, layer.act):
+            for hi, lo in zip(ind.bits, ind.bits[1:]):
+                if hi > lo:
+                    total += 1
+                    grow += values[lo] > values[hi]
+    if total:
+        print(f"  indicators growing as bits fall: {grow}/{total} ({100 * grow / total:.0f}%)")
+    return 0
