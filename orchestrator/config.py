@@ -102,7 +102,8 @@ class BaselinesCfg:
 
 @dataclass
 class SelectCfg:
-    max_policies: int = 4                     # LIMPQ frontier policies to finetune
+    max_policies: int = 4                     # LIMPQ policies to finetune (see orchestrator/select.py)
+    alpha: Optional[float] = None             # which alpha's LIMPQ policies; none -> the first of search.alpha
     include_uniform: bool = True              # finetune the uniform baselines too (same recipe)
     include_random: bool = False
 
@@ -197,6 +198,8 @@ class Config:
                  f"baselines.uniform entry {wa} uses bits outside indicators.bits {self.indicators.bits}")
         need(self.baselines.random_per_budget >= 0, "baselines.random_per_budget must be >= 0")
         need(self.select.max_policies >= 0, "select.max_policies must be >= 0")
+        need(self.select.alpha is None or self.select.alpha in self.search.alpha,
+             f"select.alpha {self.select.alpha} is not one of search.alpha {self.search.alpha}")
         need(self.finetune.bn_recalib_batches >= 0, "finetune.bn_recalib_batches must be >= 0")
         need(all(lr > 0 for lr in self.finetune.lr_grid), "finetune.lr_grid values must be positive")
         need(self.finetune.max_concurrent_trials is None or self.finetune.max_concurrent_trials >= 1,

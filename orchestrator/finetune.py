@@ -20,7 +20,7 @@ from torch import nn
 
 from workloads.data import load_data
 from workloads.models import build_model, load_weights
-from workloads.quant import Policy, quantize_model
+from workloads.quant import LsqQuantizer, Policy, quantize_model
 from workloads.train import cosine_with_warmup, evaluate, make_loader, recalibrate_bn, sgd, train_epoch
 
 from .config import Config, config_from_dict
@@ -39,6 +39,27 @@ class TrialOutcome:
     status: str              # "TERMINATED" | "ERROR" | ...
 
 
+def load_multibit_state(model: nn.Module, path: str | Path) -> None:
+    """Start a single-bit model from the jointly trained multi-bit one (``indicators/model.pt``): the
+    shared weights, and per layer the step sizes and BatchNorm of the bits the policy gives it. Keys
+    are named alike in both (``w_quant.step.4``, ``bn.4.running_mean``); only the per-quantizer
+    ``initialized`` flags differ in length and are mapped through the candidate list."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    multi, bits = state["model"], [int(b) for b in state["bits"]]
+    own = model.state_dict()
+    take = {k: v for k, v in multi.items() if k in own and own[k].shape == v.shape}
+    for name, q in model.named_modules():
+        if isinstance(q, LsqQuantizer) and f"{name}.initialized" in multi and len(q.bits) == 1:
+            flags = multi[f"{name}.initialized"]
+            b = q.bits[0]
+            ok = len(flags) == len(bits) and b in bits and bool(flags[bits.index(b)])
+            take[f"{name}.initialized"] = torch.tensor([ok])
+    missing = [k for k in own if k not in take and not k.endswith(("num_batches_tracked", "initialized"))]
+    if missing:
+        raise UserError(f"{path} does not fit this policy's model: missing {missing[:3]}")
+    model.load_state_dict(take, strict=False)
+
+
 def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, distributed: bool) -> None:
     """Per-process loop shared by the single-process trial and the DDP workers."""
     cfg: Config = config_from_dict(loop_cfg["study"])
@@ -55,10 +76,12 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     data = load_data(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.study.seed,
                      image_size=cfg.data.image_size)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape[0])
-    load_weights(model, loop_cfg["init_checkpoint"])
     if loop_cfg.get("init_is_quantized"):
-        raise UserError("finetune.from_indicator_model is not supported with single-bit finetuning yet")
-    quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
+        quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
+        load_multibit_state(model, loop_cfg["init_checkpoint"])
+    else:
+        load_weights(model, loop_cfg["init_checkpoint"])
+        quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
     model.to(device)
     train_loader = make_loader(data.train, cfg.data.batch_size, True, cfg.study.seed, cfg.data.loader_workers)
     val_loader = make_loader(data.val, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
@@ -157,6 +180,7 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
         "policies": by_id,
         "study": cfg.to_dict(),
         "init_checkpoint": str(init_checkpoint),
+        "init_is_quantized": bool(ft.from_indicator_model),
         "storage_path": storage,
     }
 

@@ -57,6 +57,7 @@ class Study:
         self.tracker: Tracker = Tracker.disabled(cfg.study.name)
         self.parent_run: str | None = None
         self.stage_runs: dict[str, str | None] = {}
+        self.compute_seconds: dict[str, float] = {}   # time inside training/solver/eval kernels, per stage
 
     # ----------------------------------------------------------- bookkeeping
     def check_config(self) -> None:
@@ -93,11 +94,23 @@ class Study:
                                                      tags={"mpq.stage": name})
         return self.stage_runs[name]
 
-    def _write_timings(self) -> None:
+    def _write_timings(self, wall: float, ray_start: float) -> dict:
+        """timings.json: seconds per stage (latest run of each) and, per invocation, the share of wall
+        time spent orchestrating (Ray start, MLflow, I/O, scheduling) rather than computing (training
+        epochs, ILP solves, evaluation)."""
         path = self.paths.root / "timings.json"
-        old = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+        old = json.loads(path.read_text()) if path.exists() else {}
         stages = {**old.get("stages", {}), **{k: round(v, 3) for k, v in self.timings.items()}}
-        write_json(path, {"stages": stages, "total_seconds": round(sum(stages.values()), 3)})
+        compute = sum(self.compute_seconds.values())
+        this = {"wall_seconds": round(wall, 3), "ray_start_seconds": round(ray_start, 3),
+                "mlflow_seconds": round(self.tracker.seconds, 3),
+                "compute_seconds": {k: round(v, 3) for k, v in self.compute_seconds.items()},
+                "orchestration_share": round(max(0.0, wall - compute) / wall, 4) if wall > 0 else 0.0,
+                "stages_run": sorted(self.timings)}
+        out = {"stages": stages, "total_seconds": round(sum(stages.values()), 3),
+               "invocations": [*old.get("invocations", []), this]}
+        write_json(path, out)
+        return this
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
@@ -108,20 +121,47 @@ class Study:
                                     self.paths, cfg.study.name)
         self.parent_run = self.tracker.run("study", cfg.study.name, tags={"mpq.status": "running"})
         self.tracker.log_params(self.parent_run, _flatten(cfg.to_dict()))
-        with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths):
-            require_resources(cfg.resources.num_workers, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
-            fp = self.run_pretrain()
-            indicators = self.run_indicators(fp)
-            table = self.run_search(indicators)
-            selected = self.run_select(table, indicators)
-            self.run_finetune(selected, fp)
-            self.run_ptq(selected, fp)
-        self.run_report()
-        self.timings["total_wall"] = time.perf_counter() - t_start
-        self._write_timings()
+        try:
+            t_ray = time.perf_counter()
+            with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths):
+                ray_start = time.perf_counter() - t_ray
+                require_resources(cfg.resources.num_workers, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
+                fp = self.run_pretrain()
+                indicators = self.run_indicators(fp)
+                rows = self.run_search(indicators, fp)
+                selected = self.run_select(rows, indicators)
+                self.run_finetune(selected, fp)
+                self.run_ptq(selected, fp)
+            self._backfill_mlflow(selected)
+            self.run_report()
+        except BaseException:
+            self.tracker.set_tags(self.parent_run, {"mpq.status": "failed"})
+            self.tracker.finish(self.parent_run, "FAILED")
+            raise
+        this = self._write_timings(time.perf_counter() - t_start, ray_start)
+        self.tracker.log_metrics(self.parent_run, {"wall_seconds": this["wall_seconds"],
+                                                   "orchestration_share": this["orchestration_share"]})
         self._finish_parent()
-        self.echo(f"study {cfg.study.name} complete: {self.paths.root}")
+        self.echo(f"study {cfg.study.name} complete in {this['wall_seconds']:.0f}s "
+                  f"(orchestration {100 * this['orchestration_share']:.0f}%): {self.paths.root}")
         return 0
+
+    def _backfill_mlflow(self, selected: list[dict]) -> None:
+        """Give every result row its MLflow run: rows recorded while MLflow was unreachable
+        (``tracking.on_unreachable: continue``) are logged now that it is back."""
+        if not self.tracker.enabled:
+            return
+        by_id = {s["policy_id"]: s for s in selected}
+        fixed = []
+        for r in read_results(self.results_path):
+            sel = by_id.get(r["policy_id"])
+            if r["mlflow_run_id"] or sel is None:
+                continue
+            lr = r["lr"] if r["stage"] == "finetune" else None
+            fixed.append({**r, "mlflow_run_id": self._log_policy_run(r["stage"], sel, lr, [], r)})
+        if fixed:
+            upsert_results(self.results_path, fixed)
+            self.echo(f"[mlflow] backfilled {len(fixed)} result(s) recorded while MLflow was unreachable")
 
     def _finish_parent(self) -> None:
         for name, rel in (("search.parquet", "search/search.parquet"), ("results.parquet", "results/results.parquet"),
@@ -143,7 +183,10 @@ class Study:
             if todo:
                 res = run_pretrain(cfg, self.paths)
                 run = self._stage_run("pretrain")
-                self.tracker.log_history(run, getattr(res, "history", []) or [])
+                self.tracker.log_history(run, res.history)
+                self.tracker.log_metrics(run, res.metrics)
+                self.tracker.finish(run)
+                self.compute_seconds["pretrain"] = sum(h.get("epoch_seconds", 0.0) for h in res.history)
         return self.paths.fp_checkpoint
 
     def run_indicators(self, fp: Path):
@@ -154,16 +197,115 @@ class Study:
             if todo:
                 res = run_indicators(self.cfg, self.paths, fp)
                 run = self._stage_run("indicators")
-                self.tracker.log_history(run, getattr(res, "history", []) or [])
+                self.tracker.log_history(run, res.history)
+                self.tracker.log_metrics(run, res.metrics)
                 self.tracker.log_artifact(run, self.paths.indicators_parquet)
                 self.tracker.log_artifact(run, self.paths.indicators_json)
+                self.tracker.finish(run)
+                self.compute_seconds["indicators"] = sum(h.get("epoch_seconds", 0.0) for h in res.history)
         return Indicators.load(self.paths.indicators_parquet)
 
-    def run_search(self, indicators):
-        raise NotImplementedError  # wired once the searchers land
+    # The search stage's output is valid for one (indicators, search recipe); a changed grid reruns the
+    # stage, and the LIMPQ grid then resumes point by point (finished points are never solved again).
+    def _digest(self, *sections: str, extra: object = None) -> str:
+        d = self.cfg.to_dict()
+        blob = json.dumps({s: d[s] for s in sections} | {"extra": extra}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
-    def run_select(self, table, indicators) -> list[dict]:
-        raise NotImplementedError
+    def _stage_done(self, output: Path, digest: str) -> bool:
+        meta = output.with_name(output.name + ".digest")
+        return output.exists() and meta.exists() and meta.read_text().strip() == digest
+
+    @staticmethod
+    def _mark_done(output: Path, digest: str) -> None:
+        with atomic_path(output.with_name(output.name + ".digest")) as tmp:
+            tmp.write_text(digest + "\n")
+
+    @property
+    def search_path(self) -> Path:
+        return self.paths.search_dir / "search.parquet"
+
+    def _fp_model(self, fp: Path | None, indicators):
+        """The FP model for MixQuant's QE table, or None when there are no weights (imported indicators)."""
+        from workloads.models import build_model, load_weights
+
+        from .training import data_meta
+
+        if fp is None or not Path(fp).exists():
+            return None
+        classes, shape = data_meta(self.cfg)
+        model = build_model(self.cfg.model.name, classes, shape[0])
+        load_weights(model, fp)
+        return model
+
+    def run_search(self, indicators, fp: Path | None = None) -> list[dict]:
+        from .baselines import run_baselines
+        from .grid import run_limpq_grid
+        from .mixquant import run_mixquant
+        from .search_rows import ModelCosts, write_search_rows
+
+        cfg = self.cfg
+        digest = self._digest("search", "mixquant", "baselines", extra=indicators.to_json_dict())
+        with self.stage("search", self._stage_done(self.search_path, digest)) as todo:
+            if not todo:
+                return pq.read_table(self.search_path).to_pylist()
+            costs = ModelCosts.from_indicators(indicators)
+            t0 = time.perf_counter()
+            rows = list(run_limpq_grid(indicators, cfg.search, self.paths.search_dir / "limpq",
+                                       use_ray=True, progress=True))
+            t_grid = time.perf_counter() - t0
+            model = self._fp_model(fp, indicators) if cfg.mixquant.enabled else None
+            if cfg.mixquant.enabled and model is None:
+                self.echo("[search] MixQuant skipped: no FP weights (give model.checkpoint)")
+            if model is not None:
+                rows += run_mixquant(model, costs, cfg.mixquant, self.paths.search_dir).rows
+            rows += run_baselines(costs, cfg.baselines, indicators.bits, rows, seed=cfg.study.seed).rows
+            write_search_rows(self.search_path, rows)
+            write_json(self.paths.search_dir / "layers.json", list(costs.layers))
+            self._mark_done(self.search_path, digest)
+            ok = [r for r in rows if r["status"] == "optimal"]
+            summary = {"points": len(rows), "optimal": len(ok),
+                       "infeasible": sum(r["status"] == "infeasible" for r in rows),
+                       "errors": sum(r["status"] == "error" for r in rows),
+                       "distinct_policies": len({r["policy_id"] for r in ok}),
+                       "limpq_points": sum(r["searcher"] == "limpq" for r in rows),
+                       "limpq_grid_seconds": t_grid,
+                       "solve_seconds": sum(r["solve_seconds"] or 0.0 for r in rows)}
+            self.compute_seconds["search"] = summary["solve_seconds"]
+            self.echo(f"[search] {summary['points']} points ({summary['optimal']} optimal, "
+                      f"{summary['infeasible']} infeasible), {summary['distinct_policies']} distinct policies")
+            run = self._stage_run("search")
+            self.tracker.log_params(run, {"limpq_points": summary["limpq_points"], "alpha": cfg.search.alpha,
+                                          "bitops": cfg.search.bitops, "compression_ratio": cfg.search.compression_ratio,
+                                          "qem": cfg.mixquant.qem})
+            self.tracker.log_metrics(run, summary)
+            self.tracker.log_artifact(run, self.search_path)
+            self.tracker.finish(run)
+        return rows
+
+    @property
+    def selected_path(self) -> Path:
+        return self.paths.search_dir / "selected.json"
+
+    def run_select(self, rows: list[dict], indicators) -> list[dict]:
+        from .search_rows import ModelCosts
+        from .select import select_policies
+
+        digest = self._digest("search", "mixquant", "baselines", "select",
+                              extra=sorted(r["point_id"] + str(r.get("policy_id")) for r in rows))
+        with self.stage("select", self._stage_done(self.selected_path, digest)) as todo:
+            if not todo:
+                return json.loads(self.selected_path.read_text())["selected"]
+            selected = select_policies(rows, self.cfg, ModelCosts.from_indicators(indicators))
+            write_json(self.selected_path, {"selected": selected})
+            self._mark_done(self.selected_path, digest)
+            counts: dict[str, int] = {}
+            for s in selected:
+                counts[s["searcher"]] = counts.get(s["searcher"], 0) + 1
+            self.echo("[select] " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+            self.tracker.log_dict(self._stage_run("select"), {"selected": selected}, "selected.json")
+            self.tracker.finish(self._stage_run("select"))
+        return selected
 
     def _log_policy_run(self, stage: str, sel: dict, lr: float | None, history: list[dict],
                         final: dict) -> str | None:
@@ -191,9 +333,7 @@ class Study:
         from .finetune import run_finetunes
 
         cfg = self.cfg
-        wanted = {"limpq"} | ({"uniform"} if cfg.select.include_uniform else set()) | \
-                 ({"random"} if cfg.select.include_random else set())
-        todo = [s for s in selected if s["searcher"] in wanted]
+        todo = [s for s in selected if "finetune" in s["evaluate"]]
         lrs = [cfg.finetune.lr] + [lr for lr in cfg.finetune.lr_grid if lr != cfg.finetune.lr]
         have = {(r["policy_id"], round(r["lr"], 12)) for r in read_results(self.results_path)
                 if r["stage"] == "finetune" and r["epochs"] == cfg.finetune.epochs}
@@ -204,7 +344,13 @@ class Study:
             by_id = {s["policy_id"]: s for s in todo}
             # A new finetune recipe or policy set is a new Tune experiment; the same one restores.
             digest = hashlib.sha1(json.dumps([cfg.to_dict()["finetune"], sorted(by_id)]).encode()).hexdigest()[:10]
-            outcomes = run_finetunes(cfg, self.paths, [Policy.from_json(s["policy"]) for s in todo], fp,
+            init = fp
+            if cfg.finetune.from_indicator_model:
+                init = self.paths.indicator_model
+                if not init.exists():
+                    raise UserError(f"finetune.from_indicator_model needs the jointly trained model {init} "
+                                    "(imported indicators have none)")
+            outcomes = run_finetunes(cfg, self.paths, [Policy.from_json(s["policy"]) for s in todo], init,
                                      name=f"finetune-{digest}")
             rows = []
             for o in outcomes:
@@ -218,6 +364,8 @@ class Study:
                              "top5": o.metrics.get("top5"), "loss": o.metrics.get("loss"),
                              "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id,
                              "seconds": float(o.metrics.get("time_total_s", 0.0))})
+                self.compute_seconds["finetune"] = self.compute_seconds.get("finetune", 0.0) + \
+                    sum(h.get("epoch_seconds", 0.0) for h in o.history)
             upsert_results(self.results_path, rows)
             self.tracker.log_artifact(self._stage_run("finetune"), self.results_path)
             failed = len(missing) - len(rows)
@@ -229,7 +377,39 @@ class Study:
         return self.paths.results_dir / "results.parquet"
 
     def run_ptq(self, selected: list[dict], fp: Path) -> None:
-        raise NotImplementedError
+        from .ptq_eval import evaluate_ptq
+
+        todo = [s for s in selected if "ptq" in s["evaluate"]]
+        have = {r["policy_id"] for r in read_results(self.results_path) if r["stage"] == "ptq"}
+        missing = [s for s in todo if s["policy_id"] not in have]
+        with self.stage("ptq", not missing) as run:
+            if not run:
+                return
+            if not Path(fp).exists():
+                self.echo("[ptq] skipped: no FP weights")
+                return
+            out = evaluate_ptq(self.cfg, Path(fp), [Policy.from_json(s["policy"]) for s in missing], use_ray=True)
+            by_id = {s["policy_id"]: s for s in missing}
+            rows = []
+            for r in out:
+                sel = by_id[r["policy_id"]]
+                final = {k: r.get(k) for k in ("top1", "top5", "loss")}
+                run_id = self._log_policy_run("ptq", sel, None, [], final)
+                rows.append({**r, "searcher": sel["searcher"], "stage": "ptq", "lr": None, "epochs": 0,
+                             "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id})
+                self.compute_seconds["ptq"] = self.compute_seconds.get("ptq", 0.0) + float(r.get("seconds") or 0.0)
+            upsert_results(self.results_path, rows)
+            self.tracker.log_artifact(self._stage_run("ptq"), self.results_path)
+            self.tracker.finish(self._stage_run("ptq"))
 
     def run_report(self) -> None:
-        raise NotImplementedError
+        from .report import build_report
+
+        with self.stage("report", False):
+            out = build_report(self.paths.root)
+            run = self._stage_run("report")
+            for p in sorted(out.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    self.tracker.log_artifact(run, p, "report")
+            self.tracker.finish(run)
+            self.echo(f"[report] {out / 'index.html'}")
