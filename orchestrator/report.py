@@ -83,6 +83,9 @@ def build_report(study_dir: str | Path) -> Path:
     md.append("")
     for p in plots:
         md.append(f"![{p.stem}]({p.name})")
+    interactive = (out / "pareto.html").exists()
+    if interactive:
+        md.append("\n[interactive charts](pareto.html)")
     md += ["", "## Frontier policies", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in front:
         md.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
@@ -102,6 +105,7 @@ def build_report(study_dir: str | Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mpq-sweep: {html.escape(paths.root.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style>
 </head><body><h1>mpq-sweep report: {html.escape(paths.root.name)}</h1><p>{html.escape(md[2])}</p>{imgs}
+{'<p><a href="pareto.html">interactive charts</a></p>' if interactive else ''}
 <h2>Frontier policies</h2><table><tr>{head}</tr>{body}</table>
 <h2>Per-layer bits</h2><img src="bits_heatmap.png" style="max-width:100%"></body></html>"""
     with atomic_path(out / "index.html") as tmp:
