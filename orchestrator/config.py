@@ -68,6 +68,10 @@ class OptimCfg:
     weight_decay: float = 2.5e-5
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
+    # LR multiplier for the LSQ step sizes (they get no weight decay). LIMPQ trains them at the weights'
+    # LR (1.0); a small, briefly pretrained model's 6..8-bit weight steps (~1e-3) are pushed below zero by
+    # that and clamp dead, so the embedded default uses 0.1.
+    step_lr_scale: float = 1.0
 
 
 @dataclass
@@ -84,6 +88,9 @@ class SearchCfg:
     compression_ratio: list[str] = field(default_factory=list)   # "12.2", "4..16:7"
     bits: list[list[int]] = field(default_factory=list)          # candidate lists; none -> indicator bits
     batch_size: Optional[int] = None                             # points per Ray task; none -> auto
+    latency: list[str] = field(default_factory=list)             # "1.5", "1..3:5", "none"; needs latency_table
+    latency_table: Optional[str] = None                          # CSV layer,w_bits,a_bits,cost
+    bounds: Optional[str] = None                                 # JSON {layer: {w_min, w_max, a_min, a_max}}
 
 
 @dataclass
@@ -179,6 +186,7 @@ class Config:
             need(o.weight_decay >= 0, f"{name}.weight_decay must be >= 0")
             need(0 <= o.warmup_epochs <= max(o.epochs, 0), f"{name}.warmup_epochs must be in [0, epochs]")
             need(0 <= o.label_smoothing < 1, f"{name}.label_smoothing must be in [0, 1)")
+            need(o.step_lr_scale > 0, f"{name}.step_lr_scale must be positive")
         check_bits(self.indicators.bits, "indicators.bits")
         need(self.indicators.import_path is not None or self.indicators.epochs >= 1,
              "indicators.epochs must be >= 1 (or give indicators.import_path)")
@@ -187,9 +195,14 @@ class Config:
             need(set(bl) <= set(self.indicators.bits),
                  f"search.bits[{i}] {bl} uses bits that have no indicators (indicators.bits {self.indicators.bits})")
         need(all(a >= 0 for a in self.search.alpha) and self.search.alpha, "search.alpha must be a non-empty list of values >= 0")
-        need(bool(self.search.bitops or self.search.compression_ratio),
-             "search needs at least one budget: search.bitops and/or search.compression_ratio")
+        need(bool(self.search.bitops or self.search.compression_ratio or self.search.latency),
+             "search needs at least one budget: search.bitops, search.compression_ratio and/or search.latency")
         need(self.search.batch_size is None or self.search.batch_size >= 1, "search.batch_size must be >= 1")
+        from .grid import check_search_cfg  # budget spec syntax, latency needs a table
+        try:
+            check_search_cfg(self.search)
+        except UserError as e:
+            raise UserError(f"config: search: {e}") from None
         need(all(q > 0 for q in self.mixquant.qem), "mixquant.qem values must be positive")
         need(self.mixquant.act_bits in VALID_BITS, "mixquant.act_bits must be in 2..8")
         for wa in self.baselines.uniform:
