@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
-from torch import nn
 
 from workloads.quant.policy import Policy
 
@@ -99,10 +98,12 @@ class ModelCosts:
                    FP_BITS * (sum(l.params for l in ind.layers) + sum(f.params for f in ind.fixed)))
 
     @classmethod
-    def from_model(cls, model: nn.Module, input_shape: Sequence[int],
+    def from_model(cls, model: "nn.Module", input_shape: Sequence[int],
                    fixed_layers: Sequence[str] | None = None) -> "ModelCosts":
         """From the cost model (one forward pass). Searchable layers in registration order, as the
         indicator stage lists them; fixed layers default to first conv + last linear."""
+        from torch import nn  # here, not at the top: search workers should not import torch
+
         from workloads.cost import layer_costs
         from workloads.quant.swap import default_fixed_layers
 
