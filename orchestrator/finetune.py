@@ -21,7 +21,7 @@ from torch import nn
 from workloads.data import load_data
 from workloads.models import build_model, load_weights
 from workloads.quant import LsqQuantizer, Policy, quantize_model
-from workloads.train import cosine_with_warmup, evaluate, make_loader, recalibrate_bn, sgd, train_epoch
+from workloads.train import cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, train_epoch
 
 from .config import Config, config_from_dict
 from .errors import UserError
@@ -87,7 +87,7 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     val_loader = make_loader(data.val, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
     ft = cfg.finetune
     steps = ft.epochs * len(train_loader)
-    optimizer = sgd(model, lr, ft.momentum, ft.weight_decay)
+    optimizer = quant_sgd(model, lr, ft.momentum, ft.weight_decay, ft.step_lr_scale)
     scheduler = cosine_with_warmup(optimizer, steps, int(ft.warmup_epochs * len(train_loader)))
     start_epoch = 0
     ckpt = get_checkpoint()
@@ -212,7 +212,8 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
     for r in results:
         df = r.metrics_dataframe
         history = [] if df is None else [
-            {k: float(row[k]) for k in ("epoch", "top1", "top5", "loss", "train_loss") if k in row and row[k] == row[k]}
+            {k: float(row[k]) for k in ("epoch", "top1", "top5", "loss", "train_loss", "epoch_seconds")
+             if k in row and row[k] == row[k]}
             for _, row in df.iterrows()]
         outcomes.append(TrialOutcome(policy_id=r.config["policy_id"], lr=float(r.config["lr"]),
                                      metrics=dict(r.metrics or {}), history=history,

@@ -9,7 +9,7 @@
 Why the joint step averages gradients itself instead of relying on DDP's autograd hooks: it runs
 n+1 backward passes per optimizer step, and on the last (random-policy) pass most per-bit step sizes
 and BNs are unused. DDP with ``no_sync`` + ``find_unused_parameters`` leaves globally unused
-parameters' accumulated gradients un-averaged, so ranks would drift. One bucketed all-reduce of the
+parameters' accumulated gradients un-averaged, so ranks would drift. One flat all-reduce of the
 summed gradients per step is exact and cheaper (one collective instead of n+1).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .quant.policy import Policy
 from .quant.swap import set_random, set_uniform
@@ -36,12 +36,20 @@ def world() -> tuple[int, int]:
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
                 drop_last: bool | None = None) -> DataLoader:
-    """A loader that shards with DistributedSampler when torch.distributed is initialised."""
+    """A loader that shards over the ranks when torch.distributed is initialised.
+
+    Training: ``DistributedSampler`` (a per-epoch shuffle shared by all ranks, each rank a disjoint
+    slice, ``set_epoch`` before every epoch). Evaluation: rank r takes samples r, r+size, ... with no
+    padding, so summing the ranks' counts in ``evaluate`` counts every sample exactly once
+    (DistributedSampler would repeat samples to even the shards out).
+    """
     rank, size = world()
     sampler = None
     if size > 1:
-        sampler = DistributedSampler(ds, num_replicas=size, rank=rank, shuffle=train, seed=seed,
-                                     drop_last=train)
+        if train:
+            sampler = DistributedSampler(ds, num_replicas=size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        else:
+            ds = Subset(ds, range(rank, len(ds), size))
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=(train and sampler is None), sampler=sampler,
                       num_workers=num_workers, drop_last=train if drop_last is None else drop_last,
@@ -49,15 +57,20 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
 
 
 def allreduce_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Average gradients over ranks in one flat all-reduce (a missing gradient counts as zero)."""
+    """Average gradients over ranks in one flat all-reduce.
+
+    Parameters without a gradient are left without one, as on a single rank (zero-filling them would
+    let SGD's weight decay and momentum move parameters that no pass used, e.g. the FP BatchNorms and
+    the fixed layers' 8-bit step sizes during joint training). Every rank runs the same policies on
+    the same model, so the set of parameters with a gradient, and hence the flat layout, is the same
+    on every rank.
+    """
     _, size = world()
     if size == 1:
         return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= size
@@ -88,7 +101,8 @@ def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequenc
     """One LIMPQ joint step. ``generator`` draws the random policy; seed it identically on all
     ranks so they draw the same policy (and the lazy step-size inits line up)."""
     optimizer.zero_grad(set_to_none=True)
-    policies, total = [], 0.0
+    policies: list[Policy] = []
+    total = torch.zeros((), device=x.device)
     steps: list[Callable[[], Policy]] = [(lambda b=b: set_uniform(model, b)) for b in bits]
     steps.append(lambda: set_random(model, list(bits), generator))
     for configure in steps:
@@ -96,7 +110,7 @@ def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequenc
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = criterion(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
-        total += float(loss.detach())
+        total += loss.detach().float()  # one device sync per step (below), not one per pass
     params = [p for p in model.parameters() if p.requires_grad]
     allreduce_gradients(params)
     if scaler:
@@ -107,7 +121,7 @@ def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequenc
         scaler.update()
     else:
         optimizer.step()
-    return JointStepResult(total / len(steps), policies)
+    return JointStepResult(float(total) / len(steps), policies)
 
 
 def single_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -209,3 +223,15 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criter
             on_step(i, loss)
     dt = time.perf_counter() - t0
     return {"loss": losses / steps if steps else float("nan"), "samples": n, "seconds": dt}
+
+
+def quant_sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 2.5e-5,
+              step_lr_scale: float = 1.0) -> torch.optim.SGD:
+    """SGD for a quantized model: the LSQ step sizes in their own group, at ``lr * step_lr_scale`` and
+    without weight decay (decay would only shrink them towards the 1e-5 clamp); everything else as
+    ``sgd``. With scale 1 the LRs are LIMPQ's (one LR for all)."""
+    steps = [p for n, p in model.named_parameters() if ".step." in n and p.requires_grad]
+    ids = {id(p) for p in steps}
+    rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+    groups = [{"params": rest}] + ([{"params": steps, "lr": lr * step_lr_scale, "weight_decay": 0.0}] if steps else [])
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
