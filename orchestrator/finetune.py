@@ -110,7 +110,7 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     criterion = nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
     amp = torch.bfloat16 if (cfg.resources.amp and device.type == "cuda") else None
     for epoch in range(start_epoch, max(ft.epochs, 1)):
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         train = {"loss": float("nan")}
         if ft.epochs > 0:
             if hasattr(train_loader.sampler, "set_epoch"):
@@ -119,7 +119,7 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
         # With zero epochs this pass is the calibration: it initialises LSQ activation steps.
         recalibrate_bn(model, train_loader, ft.bn_recalib_batches or 1, device)
         metrics = evaluate(model, val_loader, device)
-        metrics.update(epoch=epoch, train_loss=train["loss"], epoch_seconds=time.perf_counter() - t0,
+        metrics.update(epoch=epoch, train_loss=train["loss"], epoch_seconds=time.perf_counter() - t0, epoch_start=started,
                        training_iteration_epochs=epoch + 1)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
@@ -212,7 +212,8 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
     for r in results:
         df = r.metrics_dataframe
         history = [] if df is None else [
-            {k: float(row[k]) for k in ("epoch", "top1", "top5", "loss", "train_loss", "epoch_seconds")
+            {k: float(row[k]) for k in ("epoch", "top1", "top5", "loss", "train_loss", "epoch_seconds",
+                                     "epoch_start")
              if k in row and row[k] == row[k]}
             for _, row in df.iterrows()]
         outcomes.append(TrialOutcome(policy_id=r.config["policy_id"], lr=float(r.config["lr"]),

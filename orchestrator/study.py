@@ -48,6 +48,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _union_seconds(spans) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 class Study:
     def __init__(self, cfg: Config, echo: Callable[[str], None] = print):
         self.cfg = cfg
@@ -101,6 +111,8 @@ class Study:
         path = self.paths.root / "timings.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         stages = {**old.get("stages", {}), **{k: round(v, 3) for k, v in self.timings.items()}}
+        # Concurrent work (PTQ tasks) can sum to more than its stage's wall time: cap it there.
+        self.compute_seconds = {k: min(v, self.timings.get(k, v)) for k, v in self.compute_seconds.items()}
         compute = sum(self.compute_seconds.values())
         this = {"wall_seconds": round(wall, 3), "ray_start_seconds": round(ray_start, 3),
                 "mlflow_seconds": round(self.tracker.seconds, 3),
@@ -364,8 +376,10 @@ class Study:
                              "top5": o.metrics.get("top5"), "loss": o.metrics.get("loss"),
                              "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id,
                              "seconds": float(o.metrics.get("time_total_s", 0.0))})
-                self.compute_seconds["finetune"] = self.compute_seconds.get("finetune", 0.0) + \
-                    sum(h.get("epoch_seconds", 0.0) for h in o.history)
+            # Trials run concurrently: compute time is the union of their epochs' wall-clock spans.
+            self.compute_seconds["finetune"] = _union_seconds(
+                (h["epoch_start"], h["epoch_start"] + h["epoch_seconds"])
+                for o in outcomes for h in o.history if "epoch_start" in h and "epoch_seconds" in h)
             upsert_results(self.results_path, rows)
             self.tracker.log_artifact(self._stage_run("finetune"), self.results_path)
             failed = len(missing) - len(rows)
