@@ -60,24 +60,28 @@ def normalize_address(address: str) -> str:
 
 # ------------------------------------------------------------------------------ auth
 def load_token(token_file: str | None = None) -> tuple[str, str] | None:
-    """(token, where it came from), in Ray's documented order; None when there is none."""
-    candidates: list[tuple[str, str | None]] = []
+    """(token, where it came from): ``--token-file``, then Ray's documented order ($RAY_AUTH_TOKEN,
+    the file at $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token); None when there is none."""
+    def read(path: Path, what: str) -> str:
+        # As Ray does: a named but unreadable or empty file is a misconfiguration, not "no token".
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if not text:
+            raise UserError(f"{what} {path} is not a readable, non-empty token file")
+        return text
+
     if token_file:
-        candidates.append((f"--token-file {token_file}", Path(token_file).expanduser().read_text()
-                           if Path(token_file).expanduser().is_file() else None))
-        if candidates[-1][1] is None:
-            raise UserError(f"--token-file {token_file} does not exist")
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        candidates.append(("$RAY_AUTH_TOKEN", os.environ["RAY_AUTH_TOKEN"]))
-    path_env = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path_env:
-        p = Path(path_env).expanduser()
-        candidates.append((f"$RAY_AUTH_TOKEN_PATH ({p})", p.read_text() if p.is_file() else None))
+        return read(Path(token_file).expanduser(), "--token-file"), f"--token-file {token_file}"
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "$RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        p = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        return read(p, "$RAY_AUTH_TOKEN_PATH"), f"$RAY_AUTH_TOKEN_PATH ({p})"
     default = Path.home() / ".ray" / "auth_token"
-    candidates.append((str(default), default.read_text() if default.is_file() else None))
-    for where, value in candidates:
-        if value and value.strip():
-            return value.strip(), where
+    if default.is_file() and default.read_text().strip():
+        return default.read_text().strip(), str(default)
     return None
 
 
@@ -262,8 +266,12 @@ def read_runtime_env_file(path: str) -> dict:
 def entrypoint(config_in_working_dir: str, overrides: list[str]) -> str:
     """The job's shell command. ``python -m orchestrator.cli`` is ``mpqsweep`` without needing
     mpq-sweep installed on the cluster: Ray puts the working dir first on PYTHONPATH, so the code that
-    runs is exactly the code uploaded, whatever the image has."""
-    parts = ["python", "-m", "orchestrator.cli", "run", config_in_working_dir, *overrides]
+    runs is exactly the code uploaded, whatever the image has.
+
+    ``resources.address=auto`` (last, so it wins): the driver joins the cluster it runs on (Ray sets
+    ``RAY_ADDRESS`` for a job) instead of starting a local Ray with the study's temp dir and CPU count,
+    which a connecting ``ray.init`` refuses or cannot use."""
+    parts = ["python", "-m", "orchestrator.cli", "run", config_in_working_dir, *overrides, "resources.address=auto"]
     return " ".join(shlex.quote(p) for p in parts)
 
 

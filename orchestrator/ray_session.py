@@ -26,6 +26,10 @@ def init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
+        elif os.environ.get("RAY_ADDRESS"):
+            # Inside a Ray job (or RAY_ADDRESS set by hand): join that cluster. Local-only options such
+            # as _temp_dir or num_cpus would make ray.init fail to connect.
+            ray.init(log_to_driver=True)
         else:
             kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=os.environ.get("MPQ_RAY_DASHBOARD") == "1",
                           dashboard_host="127.0.0.1", log_to_driver=True)

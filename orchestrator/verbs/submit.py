@@ -2,23 +2,50 @@
 
 The config is loaded and validated here first, then the cluster is checked (reachable, auth token,
 enough CPUs/GPUs) — all before anything is submitted. The job runs
-``python -m orchestrator.cli run CONFIG key=value ...`` in the uploaded working dir (the same as
-``ray job submit --working-dir . -- mpqsweep run CONFIG key=value ...``). By default the cluster image
-provides the dependencies; ``--pip`` adds the pinned direct dependencies to the job's runtime_env
-(slow on first use: a per-job virtualenv that downloads torch).
+``python -m orchestrator.cli run CONFIG key=value ... resources.address=auto`` in the uploaded working
+dir (the same as ``ray job submit --working-dir . -- mpqsweep run CONFIG key=value ...
+resources.address=auto``). By default the cluster image provides the dependencies; ``--runtime-env
+cluster/runtime_env.yaml`` or ``--pip`` add the pinned direct dependencies to the job's runtime_env
+(slow on first use: a virtualenv that downloads torch). Overrides may come before or after options.
 
 Exit code: 0 when the job succeeded (or with ``--no-wait`` once it is submitted); the driver's exit
 code when it failed (2: the cluster found the input bad), else 1; 2 for bad input found here.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 
+class _OptionsFirstParser(argparse.ArgumentParser):
+    """Accepts overrides after options (``submit CONFIG --address URL k=v``): argparse alone consumes
+    all positionals at their first run and rejects later ones, so options are moved first."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        opts, pos, i = [], [], 0
+        while i < len(args):
+            tok = args[i]
+            if tok == "--":
+                pos += args[i + 1:]
+                break
+            action = self._option_string_actions.get(tok.split("=", 1)[0]) if tok.startswith("-") else None
+            if action is None:
+                pos.append(tok)
+            elif "=" in tok or action.nargs == 0:
+                opts.append(tok)
+            else:
+                opts += args[i:i + 2]
+                i += 1
+            i += 1
+        return super().parse_known_args(opts + pos, namespace)
+
+
 def register(sub) -> None:
     p = sub.add_parser("submit", help="run a study as a Ray job on a cluster (validates config and cluster first)")
+    p.__class__ = _OptionsFirstParser
     p.add_argument("config", nargs="?", help="study YAML inside --working-dir")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. indicators.epochs=1")
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
@@ -68,9 +95,6 @@ def run(args) -> int:
         raise UserError("a CONFIG is required (or --stop / --logs SUBMISSION_ID)")
     # 1. everything local first: config, working dir, runtime_env
     cfg = load_config(args.config, args.overrides)
-    if cfg.resources.num_cpus is not None:
-        raise UserError("resources.num_cpus sizes a local Ray only and fails when joining a cluster; "
-                        "add resources.num_cpus=null")
     working_dir = Path(args.working_dir).expanduser().resolve()
     if not working_dir.is_dir():
         raise UserError(f"--working-dir {args.working_dir} is not a directory")
@@ -86,12 +110,14 @@ def run(args) -> int:
 
     # 2. the cluster: reachable, authenticated, able to run this config — still nothing submitted
     conn = jobs.connect(args.address, args.token_file)
-    if conn.token_source:
-        _echo(f"using the Ray auth token from {conn.token_source}")
     if not args.skip_resource_check:
         jobs.check_cluster_fits(conn, cfg)
+    if conn.token_source:  # after the checks: bad input stays one line
+        _echo(f"using the Ray auth token from {conn.token_source}")
 
     # 3. submit
+    if cfg.resources.address not in (None, "auto"):
+        _echo(f"note: resources.address={cfg.resources.address} is replaced by auto: the job joins the cluster it runs on")
     if not Path(cfg.study.dir).is_absolute():
         _echo(f"warning: study.dir {cfg.study.dir!r} is relative: on the cluster it lands in the job's temporary "
               "working dir; use a shared path (e.g. study.dir=/mnt/shared/studies/NAME)")
