@@ -326,7 +326,19 @@ def solve_batch(inputs: Mapping, alpha: float, bits: Sequence[int], points: Sequ
                     "w_bits": list(r.w_bits) if r.status == "optimal" else None,
                     "a_bits": list(r.a_bits) if r.status == "optimal" else None,
                     "solve_seconds": float(r.solve_seconds), "policy_id": r.policy_id})
-    return {"results": out, "task_seconds": time.perf_counter() - t0, "pid": os.getpid()}
+    return {"results": out, "task_seconds": time.perf_counter() - t0, "pid": os.getpid(), "node": _node_id()}
+
+
+def _node_id() -> str:
+    """The Ray node this runs on ("local" outside Ray), so a run can tell how its work spread."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    return "local"
 
 
 def _f(v) -> float | None:
@@ -360,7 +372,8 @@ class GridRun:
     task_seconds: float = 0.0        # Σ in-task wall time of this run's batches (ILP build + solves)
     solve_seconds: float = 0.0       # Σ per-point solve time of this run's points
     n_policies: int = 0
-    workers: set = field(default_factory=set)
+    workers: set = field(default_factory=set)   # worker pids that solved batches
+    nodes: set = field(default_factory=set)     # Ray node ids they ran on
 
     def count(self, status: str) -> int:
         return sum(r["status"] == status for r in self.rows)
@@ -418,6 +431,7 @@ def run_grid(indicators: Indicators, search_cfg: SearchCfg, out_dir: str | os.Pa
         run.solve_seconds += sum(r["solve_seconds"] or 0.0 for r in rows)
         if "pid" in out_:
             run.workers.add(out_["pid"])
+            run.nodes.add(out_.get("node", "local"))
         bar.update(len(rows))
         bar.set_postfix(counts, refresh=False)
 
