@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from workloads.cost import layer_costs
+from workloads.errors import InputError
 from workloads.data import load_data, subset
-from workloads.models import build_model, load_weights
+from workloads.models import build_model
 from workloads.quant import indicator_records, quant_layers, quantize_model, set_uniform
 from workloads.train import (broadcast_parameters, cosine_with_warmup, evaluate, joint_step, make_loader, sgd,
                              train_epoch, world)
@@ -47,9 +48,21 @@ def policy_generator(seed: int) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------- helpers
-def load_state(path: str | Path) -> dict[str, Any]:
-    """A loop checkpoint, tensors and plain values only."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_state(path: str | Path, where: str | None = None) -> dict[str, Any]:
+    """A loop checkpoint, tensors and plain values only. A missing, truncated or foreign file is an
+    ``InputError`` naming ``where`` (the checkpoint's storage location; default ``path``)."""
+    where = where or str(path)
+    # Ray resumes a run from the latest checkpoint it registered, so the way out is a fresh run.
+    remedy = f"delete the run directory {where.rstrip('/').rsplit('/', 1)[0]} to train this stage from scratch"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"training checkpoint {where} has no {CKPT_FILE}; {remedy}") from None
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise InputError(f"training checkpoint {where} is corrupt ({type(e).__name__}); {remedy}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "epoch", "step"} <= state.keys():
+        raise InputError(f"training checkpoint {where} is not a checkpoint of this program; {remedy}")
+    return state
 
 
 def _rng_state() -> dict[str, Any]:
@@ -138,12 +151,17 @@ class _Hooks:
             if not marker.exists():  # fire once: the restarted worker must get past this step
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(str(os.getpid()))
+                # Ray Train's controller takes reports (and so registers checkpoints) only when it
+                # polls the workers, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; a process that dies
+                # sooner after a checkpoint loses it. Outlive two polls so the fault is "a worker
+                # lost after the last checkpoint", not that race.
+                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 0.5)
                 os._exit(1)
 
     def record(self, row: dict) -> None:
-        if self.trace:
+        if self.trace:  # the pid tells the attempts of a run apart (a restart is a new process)
             with self.trace.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps({**row, "pid": os.getpid()}) + "\n")
 
 
 def _report(metrics: dict, state: dict | None, rank: int) -> None:
@@ -166,7 +184,7 @@ def _restore() -> dict[str, Any] | None:
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return load_state(Path(d) / CKPT_FILE)
+        return load_state(Path(d) / CKPT_FILE, where=ckpt.path)
 
 
 def _setup(loop_cfg: dict) -> tuple[Config, int, torch.device]:
@@ -176,7 +194,19 @@ def _setup(loop_cfg: dict) -> tuple[Config, int, torch.device]:
     cfg = config_from_dict(loop_cfg["study"])
     torch.set_num_threads(max(1, int(loop_cfg.get("threads") or cfg.resources.cpus_per_worker)))
     _seed_all(cfg.study.seed)
-    return cfg, ray.train.get_context().get_world_rank(), rtt.get_device()
+    device = rtt.get_device()  # cuda:<local rank> with use_gpu (Ray sets the visible devices), else cpu
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives outside DDP use the current device
+    return cfg, ray.train.get_context().get_world_rank(), device
+
+
+def _fp_state(loop_cfg: dict) -> dict[str, torch.Tensor]:
+    """The FP weights the indicator stage starts from. The driver puts them in Ray's object store,
+    so workers on other nodes need no access to the driver's disk."""
+    import ray
+
+    ref = loop_cfg["fp_state"]
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -184,7 +214,13 @@ def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cfg.resources.amp and device.type == "cuda" else None
 
 
-def _data(cfg: Config):
+def _data(cfg: Config, loop_cfg: dict | None = None):
+    """The study's data: the driver's copy from the object store when it sent one, else loaded here."""
+    ref = (loop_cfg or {}).get("data")
+    if ref is not None:
+        import ray
+
+        return ray.get(ref)
     return load_data(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.study.seed,
                      image_size=cfg.data.image_size)
 
@@ -223,16 +259,20 @@ def pretrain_loop(loop_cfg: dict) -> None:
 
     def on_step(i: int, loss: float) -> None:
         nonlocal step
-        if not first_step:
-            first_step.append(time.time())
         step += 1
         hooks.maybe_fault(step)
 
     for epoch in range(start_epoch, p.epochs):
         _set_epoch(train_loader, cfg.study.seed, epoch)
+        if not first_step:  # start-up ends where the first training step begins
+            first_step.append(time.time())
         lr = optimizer.param_groups[0]["lr"]
         tr = train_epoch(ddp, train_loader, optimizer, scheduler, criterion, device, on_step=on_step,
                          amp_dtype=amp)
+        # DDP broadcasts rank 0's BatchNorm statistics at every forward, after which each rank adds
+        # its own batch: average them so the evaluated and checkpointed statistics are the same on
+        # every rank and come from all shards.
+        _average_float_buffers(model)
         ev = evaluate(model, val_loader, device)
         row = {"epoch": epoch, "train_loss": tr["loss"], "top1": ev["top1"], "top5": ev["top5"],
                "val_loss": ev["loss"], "epoch_seconds": tr["seconds"],
@@ -255,9 +295,9 @@ def indicator_loop(loop_cfg: dict) -> None:
     hooks = _Hooks(loop_cfg, rank)
     ic = cfg.indicators
     bits = list(ic.bits)
-    data = _data(cfg)
+    data = _data(cfg, loop_cfg)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape[0])
-    load_weights(model, loop_cfg["fp_checkpoint"])
+    model.load_state_dict(_fp_state(loop_cfg))
     costs = [vars(c) for c in layer_costs(model, data.input_shape)]  # on the FP model, before swapping
     quantize_model(model, bits=bits, fixed_layers=cfg.model.fixed_layers)
     fixed = [name for name, _ in quant_layers(model, fixed=True)]
@@ -292,11 +332,11 @@ def indicator_loop(loop_cfg: dict) -> None:
         t0, loss_sum, n_steps, n_samples = time.perf_counter(), 0.0, 0, 0
         for x, y in loader:
             hooks.maybe_fault(step)
+            if first_step != first_step:  # NaN until the first step starts: start-up ends here
+                first_step = time.time()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             res = joint_step(model, x, y, bits, optimizer, criterion, generator, amp_dtype=amp)
             scheduler.step()
-            if first_step != first_step:
-                first_step = time.time()
             step += 1
             n_steps += 1
             n_samples += len(y)

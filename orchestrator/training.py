@@ -58,7 +58,7 @@ class StageResult:
     skipped: bool = False                  # output existed (or was given); nothing ran
     run_name: str | None = None            # the Ray Train run (its directory under the storage path)
     wall_seconds: float = 0.0              # stage wall time on the driver
-    startup_seconds: float | None = None   # trainer.fit() start -> first optimizer step (last attempt)
+    startup_seconds: float | None = None   # trainer.fit() called -> first training step begins (last attempt)
     steps: int = 0                         # optimizer steps over the whole run, all attempts
     attempt_starts: list[int] = field(default_factory=list)  # epoch each attempt started at: [0] or [0, 1]...
 
@@ -119,15 +119,18 @@ def run_name(cfg: Config, stage: str, extra: str = "") -> str:
     return f"{slug}-{stage}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def check_fp_checkpoint(cfg: Config, path: str | Path) -> None:
-    """One clear UserError if the FP weights are missing, corrupt or do not fit the model."""
+def check_fp_checkpoint(cfg: Config, path: str | Path) -> dict[str, torch.Tensor]:
+    """The FP state dict in ``path``, normalised to the model's keys; one clear UserError if the file
+    is missing, corrupt or does not fit the model."""
     from workloads.models import build_model, load_weights
 
     classes, shape = data_meta(cfg)
     try:
-        load_weights(build_model(cfg.model.name, classes, shape[0]), path)
+        model = build_model(cfg.model.name, classes, shape[0])
+        load_weights(model, path)
     except InputError as e:
         raise UserError(str(e)) from None
+    return model.state_dict()
 
 
 def _fault_hook(paths: StudyPaths, name: str, num_workers: int) -> dict | None:
@@ -151,7 +154,8 @@ def _input_error_in(exc: BaseException) -> InputError | None:
         seen.add(id(e))
         if isinstance(e, InputError):
             return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        # Ray wraps a worker's exception: UserExceptionWithTraceback._base_exc, RayTaskError.cause.
+        stack += [getattr(e, "_base_exc", None), getattr(e, "cause", None), e.__cause__, e.__context__]
     return None
 
 
@@ -199,8 +203,11 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
     wall = time.time() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: Ray Train run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = load_state(Path(d) / CKPT_FILE)
+    try:
+        with result.checkpoint.as_directory() as d:
+            state = load_state(Path(d) / CKPT_FILE, where=result.checkpoint.path)
+    except InputError as e:
+        raise UserError(f"{stage}: {e}") from None
     first = (result.metrics or {}).get("first_step_time")
     startup = float(first) - t0 if first is not None and first == first and first >= t0 else None
     return _Fit(state, name, wall, startup)
@@ -272,11 +279,17 @@ def run_indicators(cfg: Config, paths: StudyPaths, fp_checkpoint: str | Path | N
     if fp_checkpoint is None:
         raise UserError("indicators: no FP weights to train from (give model.checkpoint or run pretrain)")
     fp = Path(os.fspath(fp_checkpoint)).expanduser().resolve()
-    check_fp_checkpoint(cfg, fp)
-    _check_steps(cfg)
+    fp_state = check_fp_checkpoint(cfg, fp)
+    bundled = _check_steps(cfg)
     name = run_name(cfg, "indicators", extra=_file_digest(fp))
     with ray_session(cfg.resources.address, cfg.resources.num_cpus, paths):
-        fit = _fit(cfg, paths, "indicators", indicator_loop, {"fp_checkpoint": str(fp)}, name, trace_dir)
+        import ray
+
+        # Through the object store, not a path: on a cluster the workers cannot read the driver's disk.
+        # The bundled data set (a few MB of tensors) goes the same way because the driver has just
+        # loaded it: parsing MNIST 5k again costs each worker ~3 s at every (re)start.
+        loop_config = {"fp_state": ray.put(fp_state), "data": ray.put(bundled) if bundled is not None else None}
+        fit = _fit(cfg, paths, "indicators", indicator_loop, loop_config, name, trace_dir)
     s = fit.state
     ind = indicators_from_state(s, cfg.model.name)
     with atomic_path(paths.indicator_model) as tmp:
@@ -290,17 +303,19 @@ def run_indicators(cfg: Config, paths: StudyPaths, fp_checkpoint: str | Path | N
                            steps=int(s["step"]), attempt_starts=list(s["starts"]))
 
 
-def _check_steps(cfg: Config) -> None:
-    """A shard smaller than one batch would train nothing (the train loader drops the last batch)."""
+def _check_steps(cfg: Config):
+    """A shard smaller than one batch would train nothing (the train loader drops the last batch).
+    Checked for the bundled datasets, whose DataBundle is returned (None for the others)."""
     from workloads.data import load_data, subset
 
     if cfg.data.name not in ("mnist5k", "digits"):
-        return  # large datasets: loading them here only to count would cost more than it saves
+        return None  # large datasets: loading them here only to count would cost more than it saves
     data = load_data(cfg.data.name, val_fraction=cfg.data.val_fraction, seed=cfg.study.seed)
     per_rank = len(subset(data.train, cfg.data.indicator_fraction, cfg.study.seed)) // cfg.resources.num_workers
     if per_rank < cfg.data.batch_size:
         raise UserError(f"indicators: {per_rank} samples per worker is less than one batch "
                         f"(data.batch_size {cfg.data.batch_size}); raise data.indicator_fraction or lower the batch")
+    return data
 
 
 def indicators_from_state(state: dict[str, Any], model_name: str) -> Indicators:

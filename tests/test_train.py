@@ -65,3 +65,21 @@ def test_bn_recalibration_changes_statistics_for_the_active_bit():
     recalibrate_bn(model, loader, num_batches=3)
     assert bn.running_mean.abs().max() < 50
     assert model.features[4].bn["4"].running_mean.abs().max() < 1e-6  # untouched bit
+
+
+def test_loaders_shard_over_ranks(monkeypatch):
+    """Training shards are disjoint and equal (DistributedSampler, drop_last); evaluation shards cover
+    every sample exactly once (no padding duplicates), so summed metrics count each sample once."""
+    import workloads.train as wt
+
+    ds = torch.utils.data.TensorDataset(torch.arange(103).float()[:, None], torch.zeros(103, dtype=torch.long))
+    seen_train, seen_eval = [], []
+    for rank in (0, 1):
+        monkeypatch.setattr(wt, "world", lambda rank=rank: (rank, 2))
+        train = make_loader(ds, 10, True, seed=3)
+        train.sampler.set_epoch(1)
+        seen_train.append([int(v) for x, _ in train for v in x[:, 0]])
+        seen_eval.append([int(v) for x, _ in make_loader(ds, 10, False) for v in x[:, 0]])
+    assert len(seen_train[0]) == len(seen_train[1]) == 50  # 51 per rank, whole batches only
+    assert not set(seen_train[0]) & set(seen_train[1])
+    assert sorted(seen_eval[0] + seen_eval[1]) == list(range(103))
