@@ -68,8 +68,8 @@ class OptimCfg:
     weight_decay: float = 2.5e-5
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
-    # LR multiplier for the LSQ step sizes (they get no weight decay). LIMPQ trains them at the weights'
-    # LR (1.0); a small, briefly pretrained model's 6..8-bit weight steps (~1e-3) are pushed below zero by
+    # LR multiplier for the LSQ step sizes (they get no weight decay; quantized stages only, not pretrain).
+    # LIMPQ trains them at the weights' LR (1.0); a small, briefly pretrained model's 6..8-bit weight steps (~1e-3) are pushed below zero by
     # that and clamp dead, so the embedded default uses 0.1.
     step_lr_scale: float = 1.0
 

@@ -30,8 +30,8 @@ from workloads.errors import InputError
 from workloads.data import load_data, subset
 from workloads.models import build_model
 from workloads.quant import indicator_records, quant_layers, quantize_model, set_uniform
-from workloads.train import (broadcast_parameters, cosine_with_warmup, evaluate, joint_step, make_loader, sgd,
-                             train_epoch, world)
+from workloads.train import (broadcast_parameters, cosine_with_warmup, evaluate, joint_step, make_loader, quant_sgd,
+                             sgd, train_epoch, world)
 
 from .config import Config, config_from_dict
 
@@ -305,7 +305,7 @@ def indicator_loop(loop_cfg: dict) -> None:
     train_ds = subset(data.train, cfg.data.indicator_fraction, cfg.study.seed)
     loader = make_loader(train_ds, cfg.data.batch_size, True, cfg.study.seed, cfg.data.loader_workers)
     val_loader = make_loader(data.val, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
-    optimizer = sgd(model, ic.lr, ic.momentum, ic.weight_decay)
+    optimizer = quant_sgd(model, ic.lr, ic.momentum, ic.weight_decay, ic.step_lr_scale)
     steps_per_epoch = len(loader)
     scheduler = cosine_with_warmup(optimizer, ic.epochs * steps_per_epoch, int(ic.warmup_epochs * steps_per_epoch))
     generator = policy_generator(cfg.study.seed)

@@ -10,7 +10,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .errors import InputError
@@ -118,6 +117,8 @@ class MobileNetV1(nn.Module):
 
 def _tv(name: str) -> Callable[..., nn.Module]:
     def build(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+        import torchvision  # here: importing it costs seconds in every worker that never builds one
+
         if in_channels != 3:
             raise InputError(f"{name} takes 3-channel input")
         fn = getattr(torchvision.models, name)
@@ -129,6 +130,8 @@ def _tv(name: str) -> Callable[..., nn.Module]:
 
 def _cached_torchvision(name, fn, weights: str, num_classes: int) -> nn.Module:
     """Torchvision weights only if already in the local torch hub cache (we never download)."""
+    import torchvision
+
     enum = torchvision.models.get_weight(weights)
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
     if not cache.is_file():
