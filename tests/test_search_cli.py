@@ -14,6 +14,8 @@ from orchestrator.grid import POINTS_DIR, POLICIES_FILE
 from orchestrator.search_table import read_policies, read_search_table
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "limpq_resnet50.json"
+if not REF.exists():
+    pytest.skip(f"{REF} not present (shared/ sits beside the clone in CI)", allow_module_level=True)
 CASE = json.loads(REF.read_text())["readme_case"]["expected"]
 BASE = ["search", "--indicators", str(REF), "--macs-column", "limpq_macs", "--no-progress"]
 
