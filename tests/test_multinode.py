@@ -45,12 +45,17 @@ def _search_cfg(**kw):
 
 @pytest.mark.skipif(not REFERENCE.exists(), reason="shared/reference not present")
 def test_grid_spreads_over_nodes_and_survives_losing_one(cluster, tmp_path):
-    c, (w1, w2) = cluster
+    c, workers = cluster
     ind = Indicators.load(REFERENCE, "limpq_macs")
     cfg = _search_cfg(bitops="[w2a2..w6a6:60]", compression_ratio="[none,6,8,10,12]", alpha="[1.0,2.0]",
                       batch_size=8)
     serial = run_grid(ind, cfg, tmp_path / "serial", use_ray=False, progress=False)
 
+    # 1. With one CPU per node, two tasks in flight can only run on two nodes.
+    spread = run_grid(ind, cfg, tmp_path / "spread", use_ray=True, progress=False)
+    assert len(spread.nodes) == 2, f"grid tasks ran on {len(spread.nodes)} node(s)"
+
+    # 2. Remove a node once the grid is under way: its tasks are retried on the other one.
     out = tmp_path / "ray"
     removed = threading.Event()
 
@@ -58,24 +63,26 @@ def test_grid_spreads_over_nodes_and_survives_losing_one(cluster, tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and len(part_files(out / "points")) < 2:
             time.sleep(0.05)
-        c.remove_node(w2)
+        c.remove_node(workers[1])
         removed.set()
 
     t = threading.Thread(target=remove_when_started)
     t.start()
-    run = run_grid(ind, cfg, out, use_ray=True, progress=False)
-    t.join()
+    try:
+        run = run_grid(ind, cfg, out, use_ray=True, progress=False)
+    finally:
+        t.join()
+        workers[1] = c.add_node(num_cpus=1)  # the next test needs two nodes again
+        c.wait_for_nodes()
     assert removed.is_set()
-    assert len(run.nodes) == 2, f"grid tasks ran on {len(run.nodes)} node(s)"
-    assert run.n_points == serial.n_points == 600
-    assert run.count("error") == 0, [r["reason"] for r in run.rows if r["status"] == "error"][:3]
+    for r_ in (spread, run):
+        assert r_.n_points == serial.n_points == 600
+        assert r_.count("error") == 0, [r["reason"] for r in r_.rows if r["status"] == "error"][:3]
     rows = {r["point_id"]: r for r in read_search_table(out / "points")}
     assert len(rows) == 600
     for r in serial.rows:
         got = rows[r["point_id"]]
         assert (got["status"], got["policy_id"]) == (r["status"], r["policy_id"])
-    c.add_node(num_cpus=1)  # give the cluster its second node back for the next test
-    c.wait_for_nodes()
 
 
 def test_indicator_workers_on_two_nodes_stay_identical(cluster, tmp_path):
