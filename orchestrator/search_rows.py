@@ -6,8 +6,8 @@ layers (first conv, last fc by default) count at W8A8, so
 ``bitops = 64·Σ MACs_fixed + Σ MACs_l·w_l·a_l`` and ``size_bits = 8·Σ params_fixed + Σ params_l·w_l``;
 a compression ratio is ``32·(all params) / size_bits``.
 
-The search table's schema is the ILP searcher's (``orchestrator.search_table.SCHEMA`` when that module
-exists) plus a ``qem`` column; rows are plain dicts and any column a searcher does not fill is null.
+Rows are plain dicts in the search table's schema (``orchestrator.search_table.SCHEMA``); any column a
+searcher does not fill is null.
 """
 from __future__ import annotations
 
@@ -15,59 +15,21 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
-import pyarrow as pa
+from typing import Sequence
+
 
 from workloads.quant.policy import Policy
 
-from .atomic import write_parquet
+from . import search_table
 from .indicators import Indicators
 
 FIXED_BITS = 8
 FP_BITS = 32
 
-# The columns every searcher writes (the ILP's list); used only when the ILP's schema module is absent.
-_BASE_SCHEMA = pa.schema([
-    ("point_id", pa.string()),
-    ("searcher", pa.string()),
-    ("bitops_budget", pa.float64()),
-    ("size_budget", pa.float64()),
-    ("compression_ratio_budget", pa.float64()),
-    ("alpha", pa.float64()),
-    ("bits", pa.string()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("objective", pa.float64()),
-    ("bitops", pa.float64()),
-    ("size_bits", pa.float64()),
-    ("w_bits", pa.list_(pa.int32())),
-    ("a_bits", pa.list_(pa.int32())),
-    ("solve_seconds", pa.float64()),
-    ("policy_id", pa.string()),
-])
-
-
-def search_schema() -> pa.Schema:
-    """The ILP searcher's schema when its module is present (so one file holds every searcher's rows),
-    plus ``qem`` (MixQuant's quantization-error multiplier; null for the other searchers)."""
-    try:
-        from .search_table import SCHEMA as base  # written by the ILP side; optional here
-    except ImportError:
-        base = _BASE_SCHEMA
-    if "qem" not in base.names:
-        base = base.append(pa.field("qem", pa.float64()))
-    return base
-
-
-def rows_to_table(rows: Iterable[Mapping]) -> pa.Table:
-    schema = search_schema()
-    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
-
-
-def write_search_rows(path: str | Path, rows: Iterable[Mapping]) -> None:
-    write_parquet(path, rows_to_table(rows))
+# One schema for every searcher's rows: the search table's (``orchestrator.search_table``).
+rows_to_table = search_table.rows_to_table
+write_search_rows = search_table.write_search_table
 
 
 def point_id(searcher: str, **params) -> str:
