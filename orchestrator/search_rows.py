@@ -15,9 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-
 from typing import Sequence
-
 
 from workloads.quant.policy import Policy
 
