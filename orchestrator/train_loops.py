@@ -187,6 +187,25 @@ def _restore() -> dict[str, Any] | None:
         return load_state(Path(d) / CKPT_FILE, where=ckpt.path)
 
 
+def _resume(model: nn.Module, optimizer, scheduler, generator: torch.Generator | None = None):
+    """Restore the last epoch checkpoint, if Ray Train has one for this run (a restarted worker
+    group). Returns (first epoch to run, optimizer steps so far, history, epochs each attempt began
+    at — this attempt's included)."""
+    start_epoch, step, history, starts = 0, 0, [], []
+    state = _restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if generator is not None:
+            generator.set_state(state["policy_generator"])
+        _set_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        history, starts = list(state["history"]), list(state["starts"])
+    starts.append(start_epoch)
+    return start_epoch, step, history, starts
+
+
 def _setup(loop_cfg: dict) -> tuple[Config, int, torch.device]:
     import ray.train
     import ray.train.torch as rtt
@@ -241,16 +260,7 @@ def pretrain_loop(loop_cfg: dict) -> None:
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler = cosine_with_warmup(optimizer, p.epochs * steps_per_epoch, int(p.warmup_epochs * steps_per_epoch))
-    start_epoch, step, history, starts = 0, 0, [], []
-    state = _restore()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        history, starts = list(state["history"]), list(state["starts"])
-    starts.append(start_epoch)
+    start_epoch, step, history, starts = _resume(model, optimizer, scheduler)
     ddp = rtt.prepare_model(model, move_to_device=False)  # wraps in DDP only when world size > 1
     criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
     amp = _amp_dtype(cfg, device)
@@ -309,17 +319,7 @@ def indicator_loop(loop_cfg: dict) -> None:
     steps_per_epoch = len(loader)
     scheduler = cosine_with_warmup(optimizer, ic.epochs * steps_per_epoch, int(ic.warmup_epochs * steps_per_epoch))
     generator = policy_generator(cfg.study.seed)
-    start_epoch, step, history, starts = 0, 0, [], []
-    state = _restore()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["policy_generator"])
-        _set_rng_state(state["rng"])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        history, starts = list(state["history"]), list(state["starts"])
-    starts.append(start_epoch)
+    start_epoch, step, history, starts = _resume(model, optimizer, scheduler, generator)
     broadcast_parameters(model)  # every rank starts from rank 0's weights, steps and BN statistics
     criterion = nn.CrossEntropyLoss(label_smoothing=ic.label_smoothing)
     amp = _amp_dtype(cfg, device)
