@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from workloads.cost import layer_costs
@@ -30,8 +29,8 @@ from workloads.errors import InputError
 from workloads.data import load_data, subset
 from workloads.models import build_model
 from workloads.quant import indicator_records, quant_layers, quantize_model, set_uniform
-from workloads.train import (broadcast_parameters, cosine_with_warmup, evaluate, joint_step, make_loader, quant_sgd,
-                             sgd, train_epoch, world)
+from workloads.train import (average_over_ranks_, broadcast_parameters, cosine_with_warmup, evaluate, joint_step,
+                             make_loader, quant_sgd, sgd, train_epoch, world)
 
 from .config import Config, config_from_dict
 
@@ -107,20 +106,7 @@ def _average_float_buffers(model: nn.Module) -> None:
     """Average BatchNorm running statistics over ranks. The joint step syncs gradients only, so each
     rank's statistics drift with its own shard; averaging them once per epoch keeps every rank (and the
     checkpoint, written by rank 0) on statistics from all the data."""
-    _, size = world()
-    if size == 1:
-        return
-    bufs = [b for b in model.buffers() if b.is_floating_point()]
-    if not bufs:
-        return
-    flat = torch.cat([b.reshape(-1) for b in bufs])
-    dist.all_reduce(flat)
-    flat /= size
-    offset = 0
-    for b in bufs:
-        n = b.numel()
-        b.copy_(flat[offset:offset + n].view_as(b))
-        offset += n
+    average_over_ranks_([b for b in model.buffers() if b.is_floating_point()])
 
 
 def state_checksum(model: nn.Module, buffers: bool = False) -> str:

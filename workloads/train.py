@@ -65,19 +65,22 @@ def allreduce_gradients(params: Sequence[nn.Parameter]) -> None:
     the same model, so the set of parameters with a gradient, and hence the flat layout, is the same
     on every rank.
     """
+    average_over_ranks_([p.grad for p in params if p.grad is not None])
+
+
+def average_over_ranks_(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over data-parallel ranks, in place, with one flat all-reduce
+    (one collective instead of one per tensor). Every rank must pass the same shapes in the same order."""
     _, size = world()
-    if size == 1:
+    if size == 1 or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= size
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
 
 
