@@ -8,6 +8,7 @@ loss reported per epoch with a checkpoint. A trial runs in one process, or — w
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -60,6 +61,13 @@ def load_multibit_state(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(take, strict=False)
 
 
+@functools.lru_cache(maxsize=2)
+def _load_data(name: str, root: str | None, val_fraction: float, seed: int, image_size: int):
+    """The study's data, loaded once per process: Tune reuses trial actors, so every trial after an
+    actor's first skips the parse (MNIST 5k) or directory scan (ImageNet). Datasets are read-only."""
+    return load_data(name, root, val_fraction=val_fraction, seed=seed, image_size=image_size)
+
+
 def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, distributed: bool) -> None:
     """Per-process loop shared by the single-process trial and the DDP workers."""
     cfg: Config = config_from_dict(loop_cfg["study"])
@@ -73,8 +81,7 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     else:
         device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
-    data = load_data(cfg.data.name, cfg.data.root, val_fraction=cfg.data.val_fraction, seed=cfg.study.seed,
-                     image_size=cfg.data.image_size)
+    data = _load_data(cfg.data.name, cfg.data.root, cfg.data.val_fraction, cfg.study.seed, cfg.data.image_size)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape[0])
     if loop_cfg.get("init_is_quantized"):
         quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
@@ -202,7 +209,9 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=ft.max_concurrent_trials,
-                                        reuse_actors=False),
+                                        # A new process per trial (imports, data) costs more than a
+                                        # small model's epochs; trials reset all their state anyway.
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),

