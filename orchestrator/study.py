@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -56,6 +57,11 @@ def _union_seconds(spans) -> float:
             total += b - max(a, end)
             end = b
     return total
+
+
+def _epoch_compute(history: list[dict]) -> float:
+    """Seconds a training stage spent computing: its epochs' training and validation passes."""
+    return sum(h.get("epoch_seconds", 0.0) + h.get("eval_seconds", 0.0) for h in history)
 
 
 class Study:
@@ -129,14 +135,16 @@ class Study:
         cfg = self.cfg
         self.check_config()
         t_start = time.perf_counter()
-        self.tracker = open_tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.on_unreachable,
-                                    self.paths, cfg.study.name)
-        self.parent_run = self.tracker.run("study", cfg.study.name, tags={"mpq.status": "running"})
-        self.tracker.log_params(self.parent_run, _flatten(cfg.to_dict()))
+        # Opening MLflow (import, sqlite schema, parent run) and starting Ray each take seconds of
+        # mostly waiting; do them side by side. An MLflow error still stops the study before any stage.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open")
+        opening = pool.submit(self._open_tracking)
+        pool.shutdown(wait=False)
         try:
             t_ray = time.perf_counter()
             with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths):
                 ray_start = time.perf_counter() - t_ray
+                opening.result()
                 require_resources(cfg.resources.num_workers, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
                 fp = self.run_pretrain()
                 indicators = self.run_indicators(fp)
@@ -147,6 +155,7 @@ class Study:
             self._backfill_mlflow(selected)
             self.run_report()
         except BaseException:
+            wait([opening])  # never mark or leave a run while the opener may still be creating it
             self.tracker.set_tags(self.parent_run, {"mpq.status": "failed"})
             self.tracker.finish(self.parent_run, "FAILED")
             raise
@@ -157,6 +166,13 @@ class Study:
         self.echo(f"study {cfg.study.name} complete in {this['wall_seconds']:.0f}s "
                   f"(orchestration {100 * this['orchestration_share']:.0f}%): {self.paths.root}")
         return 0
+
+    def _open_tracking(self) -> None:
+        cfg = self.cfg
+        self.tracker = open_tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.on_unreachable,
+                                    self.paths, cfg.study.name)
+        self.parent_run = self.tracker.run("study", cfg.study.name, tags={"mpq.status": "running"})
+        self.tracker.log_params(self.parent_run, _flatten(cfg.to_dict()))
 
     def _backfill_mlflow(self, selected: list[dict]) -> None:
         """Give every result row its MLflow run: rows recorded while MLflow was unreachable
@@ -198,7 +214,7 @@ class Study:
                 self.tracker.log_history(run, res.history)
                 self.tracker.log_metrics(run, res.metrics)
                 self.tracker.finish(run)
-                self.compute_seconds["pretrain"] = sum(h.get("epoch_seconds", 0.0) for h in res.history)
+                self.compute_seconds["pretrain"] = _epoch_compute(res.history)
         return self.paths.fp_checkpoint
 
     def run_indicators(self, fp: Path):
@@ -214,7 +230,7 @@ class Study:
                 self.tracker.log_artifact(run, self.paths.indicators_parquet)
                 self.tracker.log_artifact(run, self.paths.indicators_json)
                 self.tracker.finish(run)
-                self.compute_seconds["indicators"] = sum(h.get("epoch_seconds", 0.0) for h in res.history)
+                self.compute_seconds["indicators"] = _epoch_compute(res.history)
         return Indicators.load(self.paths.indicators_parquet)
 
     # The search stage's output is valid for one (indicators, search recipe); a changed grid reruns the

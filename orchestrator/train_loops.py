@@ -269,9 +269,10 @@ def pretrain_loop(loop_cfg: dict) -> None:
         # its own batch: average them so the evaluated and checkpointed statistics are the same on
         # every rank and come from all shards.
         _average_float_buffers(model)
+        t_eval = time.perf_counter()
         ev = evaluate(model, val_loader, device)
         row = {"epoch": epoch, "train_loss": tr["loss"], "top1": ev["top1"], "top5": ev["top5"],
-               "val_loss": ev["loss"], "epoch_seconds": tr["seconds"],
+               "val_loss": ev["loss"], "epoch_seconds": tr["seconds"], "eval_seconds": time.perf_counter() - t_eval,
                "samples_per_s": tr["samples"] * size / max(tr["seconds"], 1e-9), "lr": lr, "steps": step}
         history.append(row)
         hooks.record({"rank": rank, "epoch": epoch, "step": step, "checksum": state_checksum(model, True)})
@@ -335,9 +336,11 @@ def indicator_loop(loop_cfg: dict) -> None:
         _average_float_buffers(model)
         row: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_steps), "epoch_seconds": seconds,
                                  "samples_per_s": n_samples * size / max(seconds, 1e-9), "lr": lr, "steps": step}
+        t_eval = time.perf_counter()
         for b in sorted({max(bits), min(bits)}, reverse=True):
             set_uniform(model, b)  # each bit has its own BN statistics, trained jointly: no recalibration
             row[f"val_top1_w{b}a{b}"] = evaluate(model, val_loader, device)["top1"]
+        row["eval_seconds"] = time.perf_counter() - t_eval
         history.append(row)
         hooks.record({"rank": rank, "epoch": epoch, "step": step, "epoch_end": True,
                       "checksum": state_checksum(model, buffers=True)})
