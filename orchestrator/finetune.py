@@ -22,7 +22,8 @@ from torch import nn
 from workloads.data import load_data
 from workloads.models import build_model, load_weights
 from workloads.quant import LsqQuantizer, Policy, quantize_model
-from workloads.train import cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, train_epoch
+from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, seed_epoch,
+                             train_epoch)
 
 from .config import Config, config_from_dict
 from .errors import UserError
@@ -119,9 +120,10 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     for epoch in range(start_epoch, max(ft.epochs, 1)):
         t0, started = time.perf_counter(), time.time()
         train = {"loss": float("nan")}
+        # Also reseeds the BN recalibration batches: a trial resumed after a kill ends where an
+        # uninterrupted one does.
+        seed_epoch(train_loader, cfg.study.seed, epoch)
         if ft.epochs > 0:
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
             train = train_epoch(train_model, train_loader, optimizer, scheduler, criterion, device, amp_dtype=amp)
         # With zero epochs this pass is the calibration: it initialises LSQ activation steps.
         recalibrate_bn(model, train_loader, ft.bn_recalib_batches or 1, device)

@@ -30,7 +30,7 @@ from workloads.data import load_data, subset
 from workloads.models import build_model
 from workloads.quant import indicator_records, quant_layers, quantize_model, set_uniform
 from workloads.train import (average_over_ranks_, broadcast_parameters, cosine_with_warmup, evaluate, joint_step,
-                             make_loader, quant_sgd, sgd, train_epoch, world)
+                             make_loader, quant_sgd, seed_epoch, sgd, train_epoch, world)
 
 from .config import Config, config_from_dict
 
@@ -91,15 +91,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-
-
-def _set_epoch(loader, seed: int, epoch: int) -> None:
-    """Make the epoch's sample order a function of (seed, epoch) only, so a resumed run sees the same
-    batches as an uninterrupted one."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    elif loader.generator is not None:
-        loader.generator.manual_seed(seed * 100_003 + epoch)
 
 
 def _average_float_buffers(model: nn.Module) -> None:
@@ -259,7 +250,7 @@ def pretrain_loop(loop_cfg: dict) -> None:
         hooks.maybe_fault(step)
 
     for epoch in range(start_epoch, p.epochs):
-        _set_epoch(train_loader, cfg.study.seed, epoch)
+        seed_epoch(train_loader, cfg.study.seed, epoch)
         if not first_step:  # start-up ends where the first training step begins
             first_step.append(time.time())
         lr = optimizer.param_groups[0]["lr"]
@@ -313,7 +304,7 @@ def indicator_loop(loop_cfg: dict) -> None:
     _, size = world()
     first_step = float("nan")
     for epoch in range(start_epoch, ic.epochs):
-        _set_epoch(loader, cfg.study.seed, epoch)
+        seed_epoch(loader, cfg.study.seed, epoch)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         t0, loss_sum, n_steps, n_samples = time.perf_counter(), 0.0, 0, 0

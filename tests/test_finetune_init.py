@@ -32,3 +32,49 @@ def test_single_bit_model_from_multibit_state_computes_the_same(tmp_path):
     for (_, m) in quant_layers(multi, fixed=True) + quant_layers(single, fixed=True):
         m.set_bits(None, None)  # fixed layers were never calibrated in this toy run
     assert torch.allclose(multi(x), single(x), atol=1e-6)
+
+
+def test_finetune_trial_resumed_from_its_epoch_checkpoint_ends_like_an_uninterrupted_one(tmp_path):
+    """A study killed mid-finetune restores its trials from their last epoch checkpoint (Tuner.restore);
+    the resumed trial must see the same batches, so its result does not depend on when it was killed."""
+    import shutil
+
+    from ray.tune import Checkpoint
+
+    from orchestrator.config import load_config
+    from orchestrator.finetune import _train_loop
+
+    cfg = load_config(None, [f"study.dir={tmp_path}", "data.name=digits", "data.batch_size=64", "search.bitops=[w4a4]",
+                             "finetune.epochs=3", "finetune.bn_recalib_batches=3"])
+    model = build_model("small_cnn", 10, 1)
+    torch.save({"model": model.state_dict()}, tmp_path / "fp.pt")
+    names = [n for n, _ in quant_layers(quantize_model(build_model("small_cnn", 10, 1), bits=(4,)))]
+    loop_cfg = {"study": cfg.to_dict(), "policy": Policy.uniform(names, 3, 4).to_json(), "lr": 0.05,
+                "init_checkpoint": str(tmp_path / "fp.pt")}
+
+    class Stop(Exception):
+        pass
+
+    def run(stop_after=None, resume_from=None):
+        reports = []
+
+        def report(metrics, checkpoint=None):
+            reports.append(metrics)
+            if stop_after is not None and len(reports) == stop_after:
+                shutil.copytree(checkpoint.path, tmp_path / "kept")
+                raise Stop
+
+        try:
+            _train_loop(loop_cfg, report, lambda: resume_from, distributed=False)
+        except Stop:
+            pass
+        return reports
+
+    whole = run()
+    assert [r["epoch"] for r in whole] == [0, 1, 2]
+    run(stop_after=1)
+    torch.manual_seed(123)  # a reused actor's RNG is wherever its previous trial left it
+    resumed = run(resume_from=Checkpoint.from_directory(str(tmp_path / "kept")))
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(whole[1:], resumed):
+        assert (a["top1"], a["loss"], a["train_loss"]) == (b["top1"], b["loss"], b["train_loss"])

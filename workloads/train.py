@@ -56,6 +56,15 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
                       generator=g, pin_memory=torch.cuda.is_available())
 
 
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the epoch's sample order a function of (seed, epoch) only, so a run resumed from an epoch
+    checkpoint sees the same batches as an uninterrupted one."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    elif loader.generator is not None:
+        loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
 def allreduce_gradients(params: Sequence[nn.Parameter]) -> None:
     """Average gradients over ranks in one flat all-reduce.
 
