@@ -19,13 +19,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.yaml")
-# The embedded default, shrunk: sklearn digits instead of MNIST 5k, fewer epochs and grid points.
-SHRUNK = ["data.name=digits", "data.batch_size=32", "pretrain.epochs=4", "pretrain.warmup_epochs=0.5",
-          "indicators.epochs=2", "search.alpha=[2.0]", "search.bitops=[w2a2..w6a6:9]",
-          "search.compression_ratio=[none,8]", "mixquant.qem=[1,4,16,64]",
-          "baselines.uniform=[[2,2],[3,3],[4,4],[5,5]]", "baselines.max_random_budgets=3",
-          "select.max_policies=3", "finetune.epochs=2", "finetune.bn_recalib_batches=5",
-          "resources.num_cpus=2"]
+# The embedded default, shrunk: fewer epochs, half the data for the indicators, a smaller grid. It
+# keeps MNIST 5k: on sklearn's 8x8 digits every policy from W2A2 up finetunes to the same accuracy
+# within a few of the 360 validation images, so comparing searchers there compares noise.
+SHRUNK = ["pretrain.epochs=2", "indicators.epochs=1", "data.indicator_fraction=0.5", "search.alpha=[2.0]",
+          "search.bitops=[w2a2..w6a6:9]", "search.compression_ratio=[none,8]", "mixquant.qem=[1,4,16,64]",
+          "baselines.max_random_budgets=3", "select.max_policies=3", "finetune.epochs=1",
+          "finetune.bn_recalib_batches=5", "resources.num_cpus=2"]
 
 
 def _cli(study_dir: Path, *extra: str) -> list[str]:
