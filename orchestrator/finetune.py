@@ -203,6 +203,9 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
     trainable = tune.with_resources(trainable, per_trial)
     scheduler = (ASHAScheduler(time_attr="training_iteration_epochs", metric="top1", mode="max",
                                max_t=max(1, ft.epochs), grace_period=1) if ft.asha else None)
+    if "://" not in storage:
+        # Tune warns when trials checkpoint faster than every 5 s; on local disk a snapshot takes ms.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_path = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(exp_path):
         tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, param_space=param_space)
