@@ -1,6 +1,6 @@
 """Wall time of the embedded default study (configs/default.yaml) and the share of it spent
-orchestrating (Ray start, MLflow, Parquet I/O, scheduling) rather than computing (training epochs,
-ILP solves, PTQ evaluation), as the study itself records it in timings.json.
+orchestrating (Ray start, MLflow, Parquet I/O, process start, scheduling) rather than computing (training
+epochs with their validation passes, ILP solves, PTQ evaluation), as the study records it in timings.json.
 
     python bench/bench_study.py [--dir /tmp/bench-study] [key=value ...]
 
