@@ -30,7 +30,7 @@ from .errors import UserError
 from .paths import StudyPaths
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
-from .tracking import Tracker, open_tracker
+from .tracking import Tracker, check_reachable, open_tracker, resolve_uri
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ class Study:
         cfg = self.cfg
         self.check_config()
         t_start = time.perf_counter()
+        if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
+            check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
         # Opening MLflow (import, sqlite schema, parent run) and starting Ray each take seconds of
         # mostly waiting; do them side by side. An MLflow error still stops the study before any stage.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open")
