@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from workloads.data import load_data  # noqa: E402
 from workloads.models import build_model  # noqa: E402
-from workloads.quant import Policy, quantize_model, searchable_names  # noqa: E402
+from workloads.quant import Policy, draw_random_policies, quantize_model, searchable_names  # noqa: E402
 from workloads.train import joint_step, make_loader, sgd, single_step  # noqa: E402
 
 BITS = [6, 5, 4, 3, 2]
@@ -58,7 +58,8 @@ def step_cost(threads: int, batch: int, rounds: int) -> dict:
     single_opt = sgd(single_model, 0.01)
 
     def joint() -> None:
-        joint_step(joint_model, x, y, BITS, joint_opt, crit, gen)
+        (rand,) = draw_random_policies(names, BITS, gen)
+        joint_step(joint_model, x, y, BITS, joint_opt, crit, rand)
 
     def single() -> None:
         single_step(single_model, x, y, single_opt, crit, clip=1.0)

@@ -19,6 +19,8 @@ import yaml
 from .errors import UserError
 
 VALID_BITS = range(2, 9)
+# Data sets a study starts from pretrained weights on: pretraining them here would be a toy.
+PRETRAINED_DATA = ("cifar10", "imagenet")
 
 
 @dataclass
@@ -31,8 +33,10 @@ class StudyCfg:
 @dataclass
 class ModelCfg:
     name: str = "small_cnn"
-    checkpoint: Optional[str] = None          # FP weights (torch.save state dict); none -> pretrain stage
-    torchvision_weights: Optional[str] = None  # e.g. "ResNet50_Weights.IMAGENET1K_V1", only if cached
+    # FP weights: a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1", read from the local torch
+    # hub cache, never downloaded) or a state-dict file. None -> a pretrain stage (refused for
+    # cifar10/imagenet unless the config sets pretrain.epochs).
+    weights: Optional[str] = None
     fixed_layers: Optional[list[str]] = None   # none -> first conv + last linear
 
 
@@ -275,10 +279,17 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {where}")
 
 
+# Keys that were renamed: the old name gets a pointer to the new one instead of "unknown key".
+RENAMED = {"model.checkpoint": "model.weights", "model.torchvision_weights": "model.weights"}
+
+
 def _build(cls, data: dict, where: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
+        full = f"{where}.{key}" if where else str(key)
+        if full in RENAMED:
+            raise UserError(f"config: {full} is now {RENAMED[full]} (a torchvision weights name or a state-dict file)")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
@@ -328,7 +339,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:
         _apply_override(data, item)
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "").validate()
+    pretrain_asked = isinstance(data.get("pretrain"), dict) and "epochs" in data["pretrain"]
+    if cfg.data.name in PRETRAINED_DATA and not cfg.model.weights and not pretrain_asked:
+        raise UserError(f"config: data {cfg.data.name} needs pretrained weights: set model.weights to a torchvision "
+                        "weights name (e.g. ResNet50_Weights.IMAGENET1K_V1, from the local torch hub cache) or a "
+                        "state-dict file; to pretrain from scratch instead, set pretrain.epochs explicitly")
+    return cfg
 
 
 def dump_config(cfg: Config) -> str:

@@ -135,6 +135,7 @@ class Study:
         cfg = self.cfg
         self.check_config()
         t_start = time.perf_counter()
+        self._check_weights()
         if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
             check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
         # Opening MLflow (import, sqlite schema, parent run) and starting Ray each take seconds of
@@ -168,6 +169,18 @@ class Study:
         self.echo(f"study {cfg.study.name} complete in {this['wall_seconds']:.0f}s "
                   f"(orchestration {100 * this['orchestration_share']:.0f}%): {self.paths.root}")
         return 0
+
+    def _check_weights(self) -> None:
+        """Resolve and load ``model.weights`` before anything starts: a missing, corrupt or misfitting
+        file is one line, not an error inside a Ray worker. Records which file and bytes were used."""
+        from .training import _file_digest, check_fp_checkpoint, given_weights
+
+        path = given_weights(self.cfg)
+        if path is None:
+            return
+        check_fp_checkpoint(self.cfg, path)
+        write_json(self.paths.root / "weights.json", {"weights": self.cfg.model.weights, "path": str(path),
+                                                      "sha1": _file_digest(path)})
 
     def _open_tracking(self) -> None:
         cfg = self.cfg
@@ -206,9 +219,12 @@ class Study:
     def run_pretrain(self) -> Path:
         from .training import run_pretrain
 
+        from .training import given_weights
+
         cfg = self.cfg
-        if cfg.model.checkpoint:
-            return Path(cfg.model.checkpoint)
+        given = given_weights(cfg)
+        if given is not None:
+            return given
         with self.stage("pretrain", self.paths.fp_checkpoint.exists()) as todo:
             if todo:
                 res = run_pretrain(cfg, self.paths)
@@ -286,7 +302,7 @@ class Study:
             t_grid = time.perf_counter() - t0
             model = self._fp_model(fp, indicators) if cfg.mixquant.enabled else None
             if cfg.mixquant.enabled and model is None:
-                self.echo("[search] MixQuant skipped: no FP weights (give model.checkpoint)")
+                self.echo("[search] MixQuant skipped: no FP weights (give model.weights)")
             if model is not None:
                 rows += run_mixquant(model, costs, cfg.mixquant, self.paths.search_dir).rows
             rows += run_baselines(costs, cfg.baselines, indicators.bits, rows, seed=cfg.study.seed).rows

@@ -28,7 +28,8 @@ from workloads.cost import layer_costs
 from workloads.errors import InputError
 from workloads.data import load_data, subset
 from workloads.models import build_model
-from workloads.quant import indicator_records, quant_layers, quantize_model, set_uniform
+from workloads.quant import (draw_random_policies, indicator_records, quant_layers, quantize_model,
+                             searchable_names, set_uniform)
 from workloads.train import (average_over_ranks_, broadcast_parameters, cosine_with_warmup, evaluate, joint_step,
                              make_loader, quant_sgd, seed_epoch, sgd, train_epoch, world)
 
@@ -307,13 +308,15 @@ def indicator_loop(loop_cfg: dict) -> None:
         seed_epoch(loader, cfg.study.seed, epoch)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
-        t0, loss_sum, n_steps, n_samples = time.perf_counter(), 0.0, 0, 0
+        t0, loss_sum, n_steps, n_samples = time.perf_counter(), torch.zeros((), device=device), 0, 0
+        # The epoch's random policies in one draw: one host read per epoch instead of one per step.
+        randoms = draw_random_policies(searchable_names(model), bits, generator, len(loader))
         for x, y in loader:
             hooks.maybe_fault(step)
             if first_step != first_step:  # NaN until the first step starts: start-up ends here
                 first_step = time.time()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            res = joint_step(model, x, y, bits, optimizer, criterion, generator, amp_dtype=amp)
+            res = joint_step(model, x, y, bits, optimizer, criterion, randoms[n_steps], amp_dtype=amp)
             scheduler.step()
             step += 1
             n_steps += 1
@@ -323,9 +326,10 @@ def indicator_loop(loop_cfg: dict) -> None:
                 hooks.record({"rank": rank, "epoch": epoch, "step": step,
                               "policies": [[list(p.w_bits), list(p.a_bits)] for p in res.policies],
                               "checksum": state_checksum(model)})
+        train_loss = float(loss_sum) / max(1, n_steps)  # the epoch's one host read (waits for the GPU)
         seconds = time.perf_counter() - t0
         _average_float_buffers(model)
-        row: dict[str, float] = {"epoch": epoch, "train_loss": loss_sum / max(1, n_steps), "epoch_seconds": seconds,
+        row: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "epoch_seconds": seconds,
                                  "samples_per_s": n_samples * size / max(seconds, 1e-9), "lr": lr, "steps": step}
         t_eval = time.perf_counter()
         for b in sorted({max(bits), min(bits)}, reverse=True):

@@ -1,7 +1,7 @@
 """The training stages of a study, driver side: FP pretraining and LIMPQ joint indicator training, each
 a Ray Train ``TorchTrainer`` run (Train V2) over ``resources.num_workers`` DDP ranks.
 
-- ``run_pretrain(cfg, paths)``: trains the FP model from scratch (only when ``model.checkpoint`` is not
+- ``run_pretrain(cfg, paths)``: trains the FP model from scratch (only when ``model.weights`` is not
   given) and writes ``paths.fp_checkpoint`` as ``{"model": state_dict}``.
 - ``run_indicators(cfg, paths, fp_checkpoint)``: quantizes the FP model, trains it jointly (LIMPQ
   Algorithm 1), writes the indicator table (Parquet + JSON) and the multi-bit state dict; or, with
@@ -119,6 +119,19 @@ def run_name(cfg: Config, stage: str, extra: str = "") -> str:
     return f"{slug}-{stage}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
+def given_weights(cfg: Config) -> Path | None:
+    """The state-dict file ``model.weights`` names (resolved in the torch hub cache for a torchvision
+    weights name), or None when the study pretrains. One UserError when it cannot be found."""
+    from workloads.models import resolve_weights
+
+    if not cfg.model.weights:
+        return None
+    try:
+        return resolve_weights(cfg.model.weights, cfg.model.name)
+    except InputError as e:
+        raise UserError(str(e)) from None
+
+
 def check_fp_checkpoint(cfg: Config, path: str | Path) -> dict[str, torch.Tensor]:
     """The FP state dict in ``path``, normalised to the model's keys; one clear UserError if the file
     is missing, corrupt or does not fit the model."""
@@ -229,18 +242,19 @@ def _read_history(stage_dir: Path) -> list[dict]:
 def run_pretrain(cfg: Config, paths: StudyPaths, *, trace_dir: Path | None = None) -> PretrainResult:
     """Train the FP model from scratch and write ``paths.fp_checkpoint`` (``{"model": state_dict}``).
 
-    Nothing runs when ``cfg.model.checkpoint`` is given (the result points at it) or when
+    Nothing runs when ``cfg.model.weights`` is given (the result points at its file) or when
     ``paths.fp_checkpoint`` exists. SGD with ``cfg.pretrain`` (lr, momentum, weight decay, label
     smoothing), cosine with warm-up, DDP over the Ray Train workers. Starts or joins Ray per
     ``cfg.resources`` unless Ray is already initialised. ``trace_dir``: per-rank step trace (tests).
     """
-    if cfg.model.checkpoint:
-        return PretrainResult(checkpoint=Path(cfg.model.checkpoint), skipped=True)
+    given = given_weights(cfg)
+    if given is not None:
+        return PretrainResult(checkpoint=given, skipped=True)
     out = paths.fp_checkpoint
     if out.exists():
         return PretrainResult(checkpoint=out, skipped=True, history=_read_history(paths.pretrain_dir))
     if cfg.pretrain.epochs < 1:
-        raise UserError("pretrain.epochs must be >= 1 to pretrain (or give model.checkpoint)")
+        raise UserError("pretrain.epochs must be >= 1 to pretrain (or give model.weights)")
     name = run_name(cfg, "pretrain")
     with ray_session(cfg.resources.address, cfg.resources.num_cpus, paths):
         fit = _fit(cfg, paths, "pretrain", pretrain_loop, {}, name, trace_dir)
@@ -277,7 +291,7 @@ def run_indicators(cfg: Config, paths: StudyPaths, fp_checkpoint: str | Path | N
     if cfg.indicators.import_path:
         return _import_indicators(cfg, paths)
     if fp_checkpoint is None:
-        raise UserError("indicators: no FP weights to train from (give model.checkpoint or run pretrain)")
+        raise UserError("indicators: no FP weights to train from (give model.weights or run pretrain)")
     fp = Path(os.fspath(fp_checkpoint)).expanduser().resolve()
     fp_state = check_fp_checkpoint(cfg, fp)
     bundled = _check_steps(cfg)

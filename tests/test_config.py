@@ -15,7 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_configs_validate_and_name_their_command(path):
     text = path.read_text()
     assert f"mpqsweep run configs/{path.name}" in text.split("\n\n")[0] or f"configs/{path.name}" in text[:600]
-    load_config(path, [] if "default" in path.name else ["data.root=/data"])
+    extra = ["model.weights=/ckpt/fp.pth"] if "mobilenet_v1" in path.name else []
+    load_config(path, [] if "default" in path.name else ["data.root=/data", *extra])
+
+
+def test_imagenet_and_cifar_need_weights_unless_pretraining_is_asked_for(tmp_path):
+    cfg = ROOT / "configs/imagenet_resnet18.yaml"
+    with pytest.raises(UserError, match="data imagenet needs pretrained weights: set model.weights"):
+        load_config(cfg, ["data.root=/data", "model.weights=null"])
+    assert load_config(cfg, ["data.root=/data", "model.weights=null", "pretrain.epochs=3"]).model.weights is None
+    bare = tmp_path / "cifar.yaml"
+    bare.write_text("model: {name: resnet20}\ndata: {name: cifar10, root: /data}\nsearch: {bitops: [w4a4]}\n")
+    with pytest.raises(UserError, match="data cifar10 needs pretrained weights"):
+        load_config(bare)
+    for old in ("model.checkpoint=/x.pt", "model.torchvision_weights=ResNet18_Weights.IMAGENET1K_V1"):
+        with pytest.raises(UserError, match=re.escape(f"config: {old.split('=')[0]} is now model.weights")):
+            load_config(ROOT / "configs/default.yaml", [old])
 
 
 def test_overrides_and_round_trip():

@@ -195,10 +195,10 @@ def test_bad_input_is_one_line_exit_2(ray_local, tmp_path, capsys, override, mes
 def test_corrupt_weights_name_the_file(ray_local, tmp_path, capsys):
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"this is not a torch file")
-    code = main(["indicators", DEFAULT, f"study.dir={tmp_path / 's'}", f"model.checkpoint={bad}"])
+    code = main(["indicators", DEFAULT, f"study.dir={tmp_path / 's'}", f"model.weights={bad}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and str(bad) in err and "corrupt" in err and "\n" not in err
-    cfg = _cfg(tmp_path / "s2", f"model.checkpoint={bad}")
+    cfg = _cfg(tmp_path / "s2", f"model.weights={bad}")
     with pytest.raises(UserError, match="corrupt"):
         run_indicators(cfg, StudyPaths(cfg.study_dir), bad)
 

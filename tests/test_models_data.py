@@ -83,3 +83,36 @@ def test_imagenet_folder_layout_loads(tmp_path):
             Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / split / c / "a.png")
     d = load_data("imagenet", str(tmp_path), image_size=32)
     assert d.num_classes == 2 and d.train[0][0].shape == (3, 32, 32) and d.val[0][0].shape == (3, 32, 32)
+
+
+def test_weights_by_torchvision_name_come_from_the_hub_cache_only(tmp_path, monkeypatch):
+    import torchvision
+
+    from workloads.models import resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    expected = tmp_path / "th" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # torchvision's file name
+    with pytest.raises(InputError, match=f"no file {expected}"):
+        resolve_weights("ResNet18_Weights.IMAGENET1K_V1", "resnet18")
+    saved = torchvision.models.resnet18(weights=None, num_classes=7)
+    expected.parent.mkdir(parents=True)
+    torch.save(saved.state_dict(), expected)
+    assert resolve_weights("ResNet18_Weights.IMAGENET1K_V1", "resnet18") == expected
+    model = build_model("resnet18", 7)
+    load_weights(model, expected)
+    assert all(torch.equal(x, y) for x, y in zip(saved.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(InputError, match="are not weights for resnet18"):
+        resolve_weights("ResNet50_Weights.IMAGENET1K_V1", "resnet18")
+    with pytest.raises(InputError, match="is not a torchvision weights name"):
+        resolve_weights("ResNet18_Weights.NOPE", "resnet18")
+    with pytest.raises(InputError, match="is not a file"):
+        resolve_weights(str(tmp_path / "missing.pth"), "resnet18")
+    with pytest.raises(InputError, match=r"size mismatch for fc.weight"):
+        load_weights(build_model("resnet18", 10), expected)  # a 7-class head for 10 classes
+
+
+def test_ddp_prefixed_and_wrapped_state_dicts_load(tmp_path):
+    a, b = build_model("small_cnn", 10), build_model("small_cnn", 10)
+    torch.save({"model": {f"module.{k}": v for k, v in a.state_dict().items()}}, tmp_path / "ddp.pt")
+    load_weights(b, tmp_path / "ddp.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -223,7 +223,7 @@ def test_submit_tiny_study_succeeds(head):
     study = head.root / "study"
     t0 = time.perf_counter()
     r = head.cli("submit", DEFAULT, "--address", head.address, *TINY, f"study.dir={study}",
-                 f"model.checkpoint={head.root / 'fp.pt'}")
+                 f"model.weights={head.root / 'fp.pt'}")
     took = time.perf_counter() - t0
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     sub_id = r.stdout.strip().splitlines()[0]
@@ -256,7 +256,7 @@ def test_no_wait_then_logs_and_stop(head, cli):
     home = head.env["HOME"]
     study = head.root / "stopped"
     r = cli("submit", DEFAULT, "--address", head.address, "--no-wait", *TINY, f"study.dir={study}",
-            f"model.checkpoint={head.root / 'fp.pt'}", "finetune.epochs=50", home=home)
+            f"model.weights={head.root / 'fp.pt'}", "finetune.epochs=50", home=home)
     assert r.returncode == 0, r.stderr[-3000:]
     sub_id = r.stdout.strip()
     assert f"--stop {sub_id}" in r.stderr

@@ -6,7 +6,7 @@ from torch import nn
 
 from workloads.data import load_data
 from workloads.models import build_model
-from workloads.quant import quantize_model, set_uniform
+from workloads.quant import draw_random_policies, quantize_model, searchable_names, set_uniform
 from workloads.train import cosine_with_warmup, evaluate, joint_step, make_loader, recalibrate_bn, sgd, train_epoch
 
 
@@ -36,7 +36,8 @@ def test_joint_step_runs_key_policies_then_one_random():
     gen = torch.Generator().manual_seed(5)
     x, y = next(iter(make_loader(d.train, 32, True)))
     before = [p.detach().clone() for p in model.parameters()]
-    res = joint_step(model, x, y, [6, 4, 2], opt, crit, gen)
+    (rand,) = draw_random_policies(searchable_names(model), [6, 4, 2], gen)
+    res = joint_step(model, x, y, [6, 4, 2], opt, crit, rand)
     assert len(res.policies) == 4
     for b, pol in zip((6, 4, 2), res.policies[:3]):
         assert set(pol.w_bits) == {b} and set(pol.a_bits) == {b}

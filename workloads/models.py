@@ -1,7 +1,7 @@
 """Model zoo by name: torchvision ImageNet CNNs, MobileNetV1, CIFAR ResNet-20 and a small CNN.
 
-Weights come from a local checkpoint (``weights_only=True``) or, for torchvision models, from a
-torchvision weight enum when the machine already has it cached. Nothing is downloaded.
+Weights come from a state-dict file (``weights_only=True``); a torchvision weights name resolves to
+its file in the local torch hub cache (``resolve_weights``). Nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -116,29 +116,49 @@ class MobileNetV1(nn.Module):
 
 
 def _tv(name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+    def build(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
         import torchvision  # here: importing it costs seconds in every worker that never builds one
 
         if in_channels != 3:
             raise InputError(f"{name} takes 3-channel input")
-        fn = getattr(torchvision.models, name)
-        if weights:
-            return _cached_torchvision(name, fn, weights, num_classes)
-        return fn(weights=None, num_classes=num_classes)
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     return build
 
 
-def _cached_torchvision(name, fn, weights: str, num_classes: int) -> nn.Module:
-    """Torchvision weights only if already in the local torch hub cache (we never download)."""
+def hub_checkpoint_dir() -> Path:
+    """Where torchvision keeps downloaded weights: ``$TORCH_HOME/hub/checkpoints`` by default."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights(spec: str, model_name: str | None = None) -> Path:
+    """The state-dict file that ``model.weights`` names: a torchvision weights name
+    (``ResNet50_Weights.IMAGENET1K_V1``), looked up in the local torch hub cache under torchvision's own
+    file name and never downloaded, or a path to a state-dict file."""
+    path = Path(spec).expanduser()
+    if path.exists() or "/" in spec or "_Weights." not in spec:
+        if not path.is_file():
+            raise InputError(f"model.weights: {path} is not a file (give a state-dict file or a torchvision "
+                             "weights name such as ResNet50_Weights.IMAGENET1K_V1)")
+        return path.resolve()
     import torchvision
 
-    enum = torchvision.models.get_weight(weights)
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
+    try:
+        enum = torchvision.models.get_weight(spec)
+    except (ValueError, KeyError, AttributeError):
+        raise InputError(f"model.weights: {spec!r} is not a torchvision weights name "
+                         "(e.g. ResNet50_Weights.IMAGENET1K_V1) nor an existing file") from None
+    if model_name is not None and model_name not in TORCHVISION:
+        raise InputError(f"model.weights: {model_name} is not a torchvision model; give a state-dict file")
+    if model_name is not None:
+        expected = torchvision.models.get_model_weights(model_name)
+        if type(enum) is not expected:
+            raise InputError(f"model.weights: {spec} are not weights for {model_name} (those are "
+                             f"{expected.__name__}.*)")
+    cache = hub_checkpoint_dir() / Path(enum.url).name
     if not cache.is_file():
-        raise InputError(f"torchvision weights {weights} are not cached at {cache} (no downloads)")
-    model = fn(weights=None, num_classes=num_classes)
-    model.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-    return model
+        raise InputError(f"model.weights: {spec} is not in the local torch hub cache: no file {cache} "
+                         f"(nothing is downloaded; copy {enum.url} there, or set TORCH_HOME)")
+    return cache
 
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -152,13 +172,10 @@ TORCHVISION = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "re
                "resnext101_32x8d", "mobilenet_v2"}
 
 
-def build_model(name: str, num_classes: int, in_channels: int | None = None, checkpoint: str | None = None,
-                torchvision_weights: str | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int | None = None, checkpoint: str | None = None) -> nn.Module:
     if name not in REGISTRY:
         raise InputError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    if torchvision_weights and name not in TORCHVISION:
-        raise InputError(f"{name} has no torchvision weights; give a checkpoint instead")
-    kwargs = {"weights": torchvision_weights} if name in TORCHVISION else {}
+    kwargs = {}
     if in_channels is not None:  # else the model's own default (1 for small_cnn, 3 for the rest)
         kwargs["in_channels"] = in_channels
     model = REGISTRY[name](num_classes=num_classes, **kwargs)
@@ -168,7 +185,8 @@ def build_model(name: str, num_classes: int, in_channels: int | None = None, che
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load an FP state dict (or {'model': state_dict}) saved with torch.save; tensors only."""
+    """Load an FP state dict saved with torch.save — torchvision's own files, ``{'model': state_dict}``
+    and DDP's ``module.``-prefixed keys alike; tensors only (``weights_only``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
@@ -181,6 +199,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches, e.g. a 1000-class head for a 10-class data set
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise InputError(f"checkpoint {path} does not fit the model: {detail}") from None
     if missing or unexpected:
         raise InputError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .quant.policy import Policy
-from .quant.swap import set_random, set_uniform
+from .quant.swap import set_policy, set_uniform
 
 
 def world() -> tuple[int, int]:
@@ -103,26 +103,28 @@ def broadcast_parameters(model: nn.Module) -> None:
 
 @dataclass
 class JointStepResult:
-    loss: float
+    loss: torch.Tensor                    # mean of the n+1 passes' losses, on the device (no host read)
     policies: list[Policy] = field(default_factory=list)
 
 
 def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequence[int],
-               optimizer: torch.optim.Optimizer, criterion: nn.Module, generator: torch.Generator,
+               optimizer: torch.optim.Optimizer, criterion: nn.Module, random_policy: Policy,
                scaler: "torch.amp.GradScaler | None" = None, amp_dtype: torch.dtype | None = None) -> JointStepResult:
-    """One LIMPQ joint step. ``generator`` draws the random policy; seed it identically on all
-    ranks so they draw the same policy (and the lazy step-size inits line up)."""
+    """One LIMPQ joint step: the n uniform policies, then ``random_policy`` (drawn by the caller with
+    ``draw_random_policies`` from a generator seeded identically on all ranks, so the ranks train the
+    same policy and the lazy step-size inits line up). Reads nothing back to the host once every
+    quantizer has been initialised (the first step)."""
     optimizer.zero_grad(set_to_none=True)
     policies: list[Policy] = []
     total = torch.zeros((), device=x.device)
     steps: list[Callable[[], Policy]] = [(lambda b=b: set_uniform(model, b)) for b in bits]
-    steps.append(lambda: set_random(model, list(bits), generator))
+    steps.append(lambda: set_policy(model, random_policy, fixed_bits=None) or random_policy)
     for configure in steps:
         policies.append(configure())
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = criterion(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.detach().float()  # one device sync per step (below), not one per pass
+        total += loss.detach().float()
     params = [p for p in model.parameters() if p.requires_grad]
     allreduce_gradients(params)
     if scaler:
@@ -133,13 +135,14 @@ def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequenc
         scaler.update()
     else:
         optimizer.step()
-    return JointStepResult(float(total) / len(steps), policies)
+    return JointStepResult(total / len(steps), policies)
 
 
 def single_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                 criterion: nn.Module, clip: float | None = None, scaler=None,
-                amp_dtype: torch.dtype | None = None) -> float:
-    """One ordinary step (FP pretraining, single-policy QAT). Under DDP the gradient sync is DDP's."""
+                amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One ordinary step (FP pretraining, single-policy QAT). Under DDP the gradient sync is DDP's.
+    Returns the loss on the device: reading it would sync every step."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = criterion(model(x), y)
@@ -153,7 +156,7 @@ def single_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: t
         scaler.update()
     else:
         optimizer.step()
-    return float(loss.detach())
+    return loss.detach().float()
 
 
 def sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 2.5e-5) -> torch.optim.SGD:
@@ -187,8 +190,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
         k = min(5, out.shape[1])
         topk = out.topk(k, dim=1).indices
         correct = topk.eq(y[:, None])
-        stats += torch.tensor([len(y), correct[:, 0].sum().item(), correct.any(1).sum().item(),
-                               float(criterion(out, y)) * len(y)], dtype=torch.float64, device=device)
+        stats[0] += len(y)  # accumulated on the device: one host read per evaluation, not per batch
+        stats[1:] += torch.stack([correct[:, 0].sum().double(), correct.any(1).sum().double(),
+                                  criterion(out.float(), y).double() * len(y)])
     if world()[1] > 1:
         dist.all_reduce(stats)
     model.train(was)
@@ -222,7 +226,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criter
                 device="cpu", clip: float | None = None, on_step: Callable[[int, float], None] | None = None,
                 scaler=None, amp_dtype=None) -> dict[str, float]:
     model.train()
-    t0, losses, n, steps = time.perf_counter(), 0.0, 0, 0
+    t0, losses, n, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = single_step(model, x, y, optimizer, criterion, clip, scaler, amp_dtype)
@@ -233,8 +237,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criter
         steps += 1
         if on_step:
             on_step(i, loss)
-    dt = time.perf_counter() - t0
-    return {"loss": losses / steps if steps else float("nan"), "samples": n, "seconds": dt}
+    mean = float(losses) / steps if steps else float("nan")  # the epoch's one host read
+    return {"loss": mean, "samples": n, "seconds": time.perf_counter() - t0}
 
 
 def quant_sgd(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 2.5e-5,

@@ -39,10 +39,14 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Always in fp32, also under bf16 autocast (as LIMPQ): x/s and its rounding in bf16 would put
+    values on another grid. The output is fp32; the conv/linear that consumes it may still run in bf16."""
     q_min, q_max = qrange(bits, signed)
-    s = step.clamp(min=MIN_STEP)
-    s = grad_scale(s, 1.0 / math.sqrt(q_max * x.numel()))
-    return round_ste(torch.clamp(x / s, q_min, q_max)) * s
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        s = step.float().clamp(min=MIN_STEP)
+        s = grad_scale(s, 1.0 / math.sqrt(q_max * x.numel()))
+        return round_ste(torch.clamp(x / s, q_min, q_max)) * s
 
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -77,10 +81,20 @@ class LsqQuantizer(nn.Module):
         self.register_buffer("signed_flag", torch.tensor(kind == "weight"))
         self.register_buffer("signed_decided", torch.tensor(kind == "weight"))
         self.active: int | None = None
+        # Host copies of the two buffers the forward branches on, read once after construction or a
+        # state-dict load: reading the buffers themselves would be a device sync per quantizer per pass.
+        self._ready: list[bool] | None = None
+        self._signed: bool | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = self._signed = None
 
     @property
     def signed(self) -> bool:
-        return bool(self.signed_flag)
+        if self._signed is None:
+            self._signed = bool(self.signed_flag)
+        return self._signed
 
     def set_bits(self, bits: int | None) -> None:
         if bits is not None and bits not in self.bits:
@@ -99,19 +113,24 @@ class LsqQuantizer(nn.Module):
         else:
             if not bool(self.signed_decided):
                 has_neg = _all_reduce_mean((x.min() < 0).float().reshape(1))
-                self.signed_flag.fill_(bool(has_neg.item() > 0))
+                self._signed = bool(has_neg.item() > 0)
+                self.signed_flag.fill_(self._signed)
                 self.signed_decided.fill_(True)
             _, q_max = qrange(bits, self.signed)
-            val = _all_reduce_mean(2 * x.abs().mean().reshape(1))[0] / math.sqrt(q_max)
-        self.step[str(bits)].data.fill_(float(val.clamp(min=MIN_STEP)))
+            val = _all_reduce_mean(2 * x.float().abs().mean().reshape(1))[0] / math.sqrt(q_max)
+        self.step[str(bits)].data.copy_(val.float().clamp(min=MIN_STEP))
         self.initialized[idx] = True
+        if self._ready is not None:
+            self._ready[idx] = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.active
         if bits is None:
             return x
         idx = self.bits.index(bits)
-        if not bool(self.initialized[idx]):
+        if self._ready is None:
+            self._ready = self.initialized.tolist()
+        if not self._ready[idx]:
             # Weights: any forward may initialise (statistics do not depend on the data).
             # Activations: only a training batch, as in LIMPQ; eval before init stays FP-safe.
             if self.kind == "weight" or self.training:

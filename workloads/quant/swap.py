@@ -125,17 +125,20 @@ def set_uniform(model: nn.Module, bits: int) -> Policy:
     return Policy.uniform([n for n, _ in layers], bits)
 
 
+def draw_random_policies(layers: Sequence[str], bits: Sequence[int], generator: torch.Generator,
+                         n: int = 1) -> list[Policy]:
+    """``n`` random policies: each layer an independently, uniformly drawn weight bit and activation
+    bit. Drawn in one go so a training loop reads the draws to the host once, not once per step."""
+    idx = torch.randint(len(bits), (n, len(layers), 2), generator=generator).tolist()
+    names = tuple(layers)
+    return [Policy(names, tuple(bits[i] for i, _ in d), tuple(bits[j] for _, j in d)) for d in idx]
+
+
 def set_random(model: nn.Module, bits: Sequence[int], generator: torch.Generator) -> Policy:
-    """Each searchable layer gets an independent uniformly drawn weight bit and activation bit."""
-    layers = quant_layers(model)
-    idx = torch.randint(len(bits), (len(layers), 2), generator=generator).tolist()
-    w = [bits[i] for i, _ in idx]
-    a = [bits[j] for _, j in idx]
-    for (_, m), wb, ab in zip(layers, w, a):
-        _set_layer(m, wb, ab)
-    for _, m in quant_layers(model, fixed=True):
-        _set_layer(m, None, None)
-    return Policy(tuple(n for n, _ in layers), tuple(w), tuple(a))
+    """Apply one random policy (``draw_random_policies``); fixed layers stay full precision."""
+    (policy,) = draw_random_policies(searchable_names(model), bits, generator)
+    set_policy(model, policy, fixed_bits=None)
+    return policy
 
 
 def set_policy(model: nn.Module, policy: Policy, fixed_bits: int | None = FIXED_BITS) -> None:
