@@ -44,7 +44,8 @@ class ModelCfg:
 class DataCfg:
     name: str = "mnist5k"                     # mnist5k | digits | cifar10 | imagenet
     root: Optional[str] = None                # local directory for cifar10 / imagenet
-    val_fraction: float = 0.2                 # bundled datasets only
+    val_fraction: float = 0.2                 # bundled datasets only: their evaluation split
+    holdout_fraction: float = 0.1             # of the train split, held out to pick finetune LRs / early-stop
     image_size: int = 224                     # imagenet only
     batch_size: int = 64                      # per worker
     eval_batch_size: int = 256
@@ -173,6 +174,7 @@ class Config:
         need(self.data.name not in ("cifar10", "imagenet") or bool(self.data.root),
              f"data.root is required for {self.data.name} (a local directory; nothing is downloaded)")
         need(0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)")
+        need(0 < self.data.holdout_fraction < 0.5, "data.holdout_fraction must be in (0, 0.5)")
         need(0 < self.data.indicator_fraction <= 1, "data.indicator_fraction must be in (0, 1]")
         for k in ("batch_size", "eval_batch_size", "image_size"):
             need(getattr(self.data, k) > 0, f"data.{k} must be positive")

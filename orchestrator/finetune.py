@@ -1,10 +1,12 @@
 """Finetunes of chosen policies on Ray Tune: one trial per (policy, learning rate).
 
 Each trial is single-bit LSQ QAT of its policy (``quantize_model(..., policy=...)``) from the FP
-weights, cosine LR with warm-up, BN statistics recalibrated before every evaluation, top-1 / top-5 /
-loss reported per epoch with a checkpoint. A trial runs in one process, or — with
-``resources.num_workers > 1`` — as a Ray Train run with DDP inside the trial. ASHA is optional.
-``Tuner.restore`` resumes an interrupted sweep; trials that finished are not rerun.
+weights, cosine LR with warm-up, BN statistics recalibrated before every evaluation. Every epoch is
+scored on a seeded holdout carved from the train split (``val_top1``: what LR choice and early stopping
+look at); the evaluation split is measured once, after the last epoch (``top1``/``top5``/``loss``). A
+trial runs in one process, or — with ``resources.num_workers > 1`` — as the light driver of a Ray Train
+DDP run (``orchestrator.resources``). ASHA is optional and compares a policy's trials only with that
+policy's other LRs. ``Tuner.restore`` resumes an interrupted sweep; trials that ended are not rerun.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from workloads.data import load_data
+from workloads.data import holdout_split, load_data
 from workloads.models import build_model, load_weights
 from workloads.quant import LsqQuantizer, Policy, quantize_model
 from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, seed_epoch,
@@ -63,10 +65,17 @@ def load_multibit_state(model: nn.Module, path: str | Path) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_data(name: str, root: str | None, val_fraction: float, seed: int, image_size: int):
-    """The study's data, loaded once per process: Tune reuses trial actors, so every trial after an
-    actor's first skips the parse (MNIST 5k) or directory scan (ImageNet). Datasets are read-only."""
-    return load_data(name, root, val_fraction=val_fraction, seed=seed, image_size=image_size)
+def _load_data(name: str, root: str | None, val_fraction: float, seed: int, image_size: int,
+               holdout_fraction: float):
+    """(train, holdout, eval) of the study, loaded once per process: Tune reuses trial actors, so every
+    trial after an actor's first skips the parse (MNIST 5k) or directory scan (ImageNet). Read-only."""
+    data = load_data(name, root, val_fraction=val_fraction, seed=seed, image_size=image_size)
+    train, holdout = holdout_split(data, holdout_fraction, seed)
+    return data, train, holdout
+
+
+def holdout_description(cfg: Config, n: int) -> str:
+    return f"{cfg.data.holdout_fraction:g} of train (n={n}, seed {cfg.study.seed})"
 
 
 def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, distributed: bool) -> None:
@@ -82,7 +91,8 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     else:
         device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(max(1, cfg.resources.cpus_per_worker))
-    data = _load_data(cfg.data.name, cfg.data.root, cfg.data.val_fraction, cfg.study.seed, cfg.data.image_size)
+    data, train_ds, holdout = _load_data(cfg.data.name, cfg.data.root, cfg.data.val_fraction, cfg.study.seed,
+                                         cfg.data.image_size, cfg.data.holdout_fraction)
     model = build_model(cfg.model.name, data.num_classes, data.input_shape[0])
     if loop_cfg.get("init_is_quantized"):
         quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
@@ -91,8 +101,9 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
         load_weights(model, loop_cfg["init_checkpoint"])
         quantize_model(model, fixed_layers=cfg.model.fixed_layers, policy=policy)
     model.to(device)
-    train_loader = make_loader(data.train, cfg.data.batch_size, True, cfg.study.seed, cfg.data.loader_workers)
-    val_loader = make_loader(data.val, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
+    train_loader = make_loader(train_ds, cfg.data.batch_size, True, cfg.study.seed, cfg.data.loader_workers)
+    holdout_loader = make_loader(holdout, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
+    eval_loader = make_loader(data.val, cfg.data.eval_batch_size, False, cfg.study.seed, cfg.data.loader_workers)
     ft = cfg.finetune
     steps = ft.epochs * len(train_loader)
     optimizer = quant_sgd(model, lr, ft.momentum, ft.weight_decay, ft.step_lr_scale)
@@ -117,7 +128,14 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
         train_model = rtt.prepare_model(model, move_to_device=False)
     criterion = nn.CrossEntropyLoss(label_smoothing=ft.label_smoothing)
     amp = torch.bfloat16 if (cfg.resources.amp and device.type == "cuda") else None
-    for epoch in range(start_epoch, max(ft.epochs, 1)):
+    if distributed:
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+    else:
+        rank = 0
+    last = max(ft.epochs, 1) - 1
+    for epoch in range(start_epoch, last + 1):
         t0, started = time.perf_counter(), time.time()
         train = {"loss": float("nan")}
         # Also reseeds the BN recalibration batches: a trial resumed after a kill ends where an
@@ -127,12 +145,17 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
             train = train_epoch(train_model, train_loader, optimizer, scheduler, criterion, device, amp_dtype=amp)
         # With zero epochs this pass is the calibration: it initialises LSQ activation steps.
         recalibrate_bn(model, train_loader, ft.bn_recalib_batches or 1, device)
-        metrics = evaluate(model, val_loader, device)
-        metrics.update(epoch=epoch, train_loss=train["loss"], epoch_seconds=time.perf_counter() - t0, epoch_start=started,
-                       training_iteration_epochs=epoch + 1)
+        seconds = time.perf_counter() - t0
+        held = evaluate(model, holdout_loader, device)
+        metrics = {"epoch": epoch, "epochs_trained": min(epoch + 1, ft.epochs), "train_loss": train["loss"],
+                   "val_top1": held["top1"], "val_top5": held["top5"], "val_loss": held["loss"],
+                   "holdout_samples": held["samples"], "epoch_seconds": seconds, "epoch_start": started,
+                   "training_iteration_epochs": epoch + 1}
+        if epoch == last:  # the evaluation split, once, when the trial has its full budget
+            metrics.update({k: v for k, v in evaluate(model, eval_loader, device).items() if k != "samples"})
+        metrics["eval_seconds"] = time.perf_counter() - t0 - seconds
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            rank = int(os.environ.get("RANK", "0")) if distributed else 0
             if rank == 0:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch}, Path(d) / CKPT)
@@ -175,7 +198,6 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
                   name: str = "finetune") -> list[TrialOutcome]:
     """Run (or resume) the Tune sweep over ``policies`` x learning rates; return one outcome per trial."""
     import ray.tune as tune
-    from ray.tune.schedulers import ASHAScheduler
 
     if not policies:
         return []
@@ -196,13 +218,13 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
     def trainable(config):
         finetune_trial({**config, "policy": config["policies"][config["policy_id"]]})
 
-    workers = cfg.resources.num_workers
-    per_trial = (tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": cfg.resources.cpus_per_worker,
-                                                             "GPU": 1 if cfg.resources.use_gpu else 0}] * workers)
-                 if workers > 1 else {"cpu": cfg.resources.cpus_per_worker, "gpu": 1 if cfg.resources.use_gpu else 0})
-    trainable = tune.with_resources(trainable, per_trial)
-    scheduler = (ASHAScheduler(time_attr="training_iteration_epochs", metric="top1", mode="max",
-                               max_t=max(1, ft.epochs), grace_period=1) if ft.asha else None)
+    from .policy_asha import PolicyASHA
+    from .ray_session import alive_nodes
+    from .resources import finetune_plan
+
+    plan = finetune_plan(alive_nodes(), cfg.resources, ft.max_concurrent_trials)
+    trainable = tune.with_resources(trainable, plan.trial_resources)
+    scheduler = PolicyASHA(max_t=max(1, ft.epochs)) if ft.asha else None
     if "://" not in storage:
         # Tune warns when trials checkpoint faster than every 5 s; on local disk a snapshot takes ms.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -213,7 +235,7 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=ft.max_concurrent_trials,
+            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=plan.max_concurrent,
                                         # A new process per trial (imports, data) costs more than a
                                         # small model's epochs; trials reset all their state anyway.
                                         reuse_actors=True),
@@ -226,11 +248,12 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
     for r in results:
         df = r.metrics_dataframe
         history = [] if df is None else [
-            {k: float(row[k]) for k in ("epoch", "top1", "top5", "loss", "train_loss", "epoch_seconds",
-                                     "epoch_start")
+            {k: float(row[k]) for k in ("epoch", "val_top1", "val_top5", "val_loss", "top1", "top5", "loss",
+                                     "train_loss", "epoch_seconds", "eval_seconds", "epoch_start")
              if k in row and row[k] == row[k]}
             for _, row in df.iterrows()]
         outcomes.append(TrialOutcome(policy_id=r.config["policy_id"], lr=float(r.config["lr"]),
                                      metrics=dict(r.metrics or {}), history=history,
                                      status="ERROR" if r.error else "TERMINATED"))
     return outcomes
+

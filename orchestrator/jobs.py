@@ -33,6 +33,7 @@ import yaml
 
 from .config import Config
 from .errors import UserError
+from .resources import resource_shortfall
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 HTTP_TIMEOUT = 10.0
@@ -168,28 +169,9 @@ def alive_nodes(conn: Connection) -> list[dict[str, float]]:
     return [dict(n.get("resources_total") or {}) for n in rows if n.get("state") == "ALIVE"]
 
 
-def resource_shortfall(nodes: list[dict[str, float]], cfg: Config) -> str | None:
-    """Why the cluster can never run this study's training, or None when it can."""
-    r = cfg.resources
-    cpus = sum(n.get("CPU", 0.0) for n in nodes)
-    gpus = sum(n.get("GPU", 0.0) for n in nodes)
-    if r.use_gpu:
-        if gpus < r.num_workers:
-            return (f"resources.use_gpu=true needs {r.num_workers} GPU worker(s) but the cluster has {gpus:g} GPU(s) "
-                    f"on {len(nodes)} node(s)")
-        if not any(n.get("GPU", 0) >= 1 and n.get("CPU", 0) >= r.cpus_per_worker for n in nodes):
-            return f"no node has 1 GPU and {r.cpus_per_worker} CPU(s) for one training worker"
-    if cpus < r.num_workers * r.cpus_per_worker:
-        return (f"{r.num_workers} training worker(s) x {r.cpus_per_worker} CPU need "
-                f"{r.num_workers * r.cpus_per_worker} CPU(s) but the cluster has {cpus:g}")
-    if not any(n.get("CPU", 0) >= r.cpus_per_worker for n in nodes):
-        return f"no node has resources.cpus_per_worker={r.cpus_per_worker} CPUs"
-    return None
-
-
 def check_cluster_fits(conn: Connection, cfg: Config) -> None:
     nodes = alive_nodes(conn)
-    why = resource_shortfall(nodes, cfg)
+    why = resource_shortfall(nodes, cfg.resources)
     if why:
         raise UserError(f"the cluster at {conn.address} cannot run this config: {why}; nothing was submitted "
                         "(use --skip-resource-check if an autoscaler adds such nodes on demand)")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .atomic import atomic_path
+from .results import chosen_results
 
 HTML_NAME = "pareto.html"
 # Searchers in display order (others follow alphabetically); colours follow this order.
@@ -90,14 +91,15 @@ _SEARCH_FIELDS = ("point_id", "w_bits", "a_bits", "objective", "alpha", "qem", "
 
 
 def accuracy_points(search_rows: Iterable[Mapping], results_rows: Iterable[Mapping]) -> dict[str, list[dict]]:
-    """Per searcher, one merged row per evaluated policy: its best top-1 over learning rates at the
-    searcher's stage (``finetune`` if the searcher has any finetune result, else ``ptq``), with the
-    search row's fields added. Results whose policy has no optimal search row are left out (there
-    are no per-layer bits to show for them)."""
+    """Per searcher, one merged row per evaluated policy at the searcher's stage (``finetune`` if the
+    searcher has any finetune result, else ``ptq``): the result ``results.chosen_results`` picks (LR
+    chosen on the held-out split, full-budget trials only), with the search row's fields added.
+    Results whose policy has no optimal search row are left out (there are no per-layer bits to show
+    for them)."""
     by_policy = _search_by_policy(search_rows)
     grouped: dict[str, list[dict]] = {}
-    for r in results_rows:
-        if _num(r.get("top1")) is None or not r.get("policy_id") or r["policy_id"] not in by_policy:
+    for r in chosen_results(results_rows):
+        if not r.get("policy_id") or r["policy_id"] not in by_policy:
             continue
         searcher = r.get("searcher") or by_policy[r["policy_id"]][0].get("searcher")
         grouped.setdefault(searcher, []).append(dict(r, searcher=searcher))
@@ -105,12 +107,9 @@ def accuracy_points(search_rows: Iterable[Mapping], results_rows: Iterable[Mappi
     for searcher in sorted(grouped, key=_searcher_sort_key):
         rows = grouped[searcher]
         stage = "finetune" if any(r.get("stage") == "finetune" for r in rows) else "ptq"
-        best: dict[str, dict] = {}
-        for r in sorted((r for r in rows if r.get("stage") == stage),
-                        key=lambda r: (-float(r["top1"]), _num(r.get("lr")) or 0.0, _tie_key(r))):
-            best.setdefault(r["policy_id"], r)
         merged = []
-        for pid, r in best.items():
+        for r in sorted((r for r in rows if r.get("stage") == stage), key=_tie_key):
+            pid = r["policy_id"]
             cands = by_policy[pid]
             s = next((c for c in cands if c.get("searcher") == searcher), cands[0])
             m = dict(r)

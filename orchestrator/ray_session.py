@@ -57,12 +57,15 @@ def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | N
             ray.shutdown()
 
 
-def require_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
+def alive_nodes() -> list[dict[str, float]]:
+    """Total resources of every alive node of the connected Ray cluster."""
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def require_resources(resources) -> None:
     """Fail fast, with one clear line, when the cluster can never satisfy a training run."""
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    if use_gpu and gpus < num_workers:
-        raise UserError(f"config asks for {num_workers} GPU worker(s) but the Ray cluster has {gpus:g} GPU(s)")
-    if cpus < num_workers * cpus_per_worker:
-        raise UserError(f"config asks for {num_workers} worker(s) x {cpus_per_worker} CPU but the Ray cluster "
-                        f"has {cpus:g} CPU(s)")
+    from .resources import resource_shortfall
+
+    why = resource_shortfall(alive_nodes(), resources)
+    if why:
+        raise UserError(f"the Ray cluster cannot run this config: {why}")

@@ -39,6 +39,7 @@ import yaml
 
 from .atomic import atomic_path, write_json
 from .errors import UserError
+from .results import chosen_results
 
 STUDY_KEY = "mpq.key"
 SOLVED = ("optimal",)          # search statuses that carry a policy and an objective
@@ -275,15 +276,11 @@ def _finite(x: Any) -> bool:
 
 
 def best_per_policy(results: Iterable[dict]) -> dict[tuple[str, str], dict[str, dict]]:
-    """(stage, searcher) -> {policy_id: its row with the best top-1 over learning rates}."""
+    """(stage, searcher) -> {policy_id: the row ``results.chosen_results`` reports for it}."""
     out: dict[tuple[str, str], dict[str, dict]] = {}
-    for r in results:
-        if not _finite(r.get("top1")):
-            continue
-        group = out.setdefault((str(r.get("stage")), str(r.get("searcher"))), {})
-        pid = r.get("policy_id")
-        if pid not in group or r["top1"] > group[pid]["top1"]:
-            group[pid] = r
+    for r in chosen_results(results):
+        if _finite(r.get("top1")):
+            out.setdefault((str(r.get("stage")), str(r.get("searcher"))), {})[r.get("policy_id")] = r
     return out
 
 

@@ -16,8 +16,13 @@ SCHEMA = pa.schema([
     ("searcher", pa.string()),
     ("stage", pa.string()),          # "finetune" | "ptq"
     ("lr", pa.float64()),            # null for ptq
-    ("epochs", pa.int32()),
-    ("top1", pa.float64()),
+    ("epochs", pa.int32()),          # epochs actually trained
+    ("budget_epochs", pa.int32()),   # epochs the recipe asked for (finetune.epochs)
+    ("status", pa.string()),         # "complete" | "stopped" (early-stopped by ASHA: never on a frontier)
+    ("val_top1", pa.float64()),      # on the held-out part of the train split: what LR choice looks at
+    ("val_loss", pa.float64()),
+    ("val_split", pa.string()),      # how that holdout was carved (fraction, size, seed)
+    ("top1", pa.float64()),          # on the evaluation split, measured once per finished trial
     ("top5", pa.float64()),
     ("loss", pa.float64()),
     ("bitops", pa.float64()),
@@ -46,3 +51,30 @@ def upsert_results(path: Path, rows: Iterable[dict]) -> list[dict]:
     out = sorted(merged.values(), key=lambda r: (r["stage"], r["searcher"] or "", r["bitops"] or 0.0, r["policy_id"]))
     write_parquet(path, pa.Table.from_pylist(out, schema=SCHEMA))
     return out
+
+
+def is_complete(row: dict) -> bool:
+    """Trained to its full budget (or a PTQ evaluation). Rows written before ``status`` existed count
+    as complete, as they were recorded."""
+    return row.get("status") in (None, "complete")
+
+
+def chosen_results(rows: Iterable[dict]) -> list[dict]:
+    """One row per (stage, searcher, policy): for a finetune, the learning rate whose trial scored the
+    best held-out ``val_top1`` among trials trained to the full budget (ties: the smaller LR); its
+    ``top1`` is then reported as measured on the evaluation split, which played no part in the choice.
+    Early-stopped trials and rows without an accuracy are never chosen."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if is_complete(r) and _number(r.get("top1")) is not None:
+            groups.setdefault((r.get("stage"), r.get("searcher"), r.get("policy_id")), []).append(r)
+
+    def key(r: dict) -> tuple:
+        val = _number(r.get("val_top1"))
+        return (-(val if val is not None else float("-inf")), _number(r.get("lr")) or 0.0)
+
+    return [min(g, key=key) for g in groups.values()]
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None

@@ -148,7 +148,7 @@ class Study:
             with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths):
                 ray_start = time.perf_counter() - t_ray
                 opening.result()
-                require_resources(cfg.resources.num_workers, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
+                require_resources(cfg.resources)
                 fp = self.run_pretrain()
                 indicators = self.run_indicators(fp)
                 rows = self.run_search(indicators, fp)
@@ -370,19 +370,21 @@ class Study:
         self.tracker.log_params(run, params)
         self.tracker.log_dict(run, sel["policy"], "policy.json")
         self.tracker.log_history(run, history)
-        self.tracker.log_metrics(run, {k: final.get(k) for k in ("top1", "top5", "loss")} |
+        self.tracker.log_metrics(run, {k: final.get(k) for k in ("top1", "top5", "loss", "val_top1", "val_loss")} |
                                  {"bitops": sel.get("bitops"), "size_bits": sel.get("size_bits")})
         self.tracker.finish(run)
         return run
 
     def run_finetune(self, selected: list[dict], fp: Path) -> None:
-        from .finetune import run_finetunes
+        from .finetune import holdout_description, run_finetunes
 
         cfg = self.cfg
         todo = [s for s in selected if "finetune" in s["evaluate"]]
         lrs = [cfg.finetune.lr] + [lr for lr in cfg.finetune.lr_grid if lr != cfg.finetune.lr]
+        # Ended trials: trained to this budget, or early-stopped under it (ASHA decided; not rerun).
         have = {(r["policy_id"], round(r["lr"], 12)) for r in read_results(self.results_path)
-                if r["stage"] == "finetune" and r["epochs"] == cfg.finetune.epochs}
+                if r["stage"] == "finetune" and (r.get("budget_epochs") if r.get("status") else r["epochs"])
+                == cfg.finetune.epochs}
         missing = [s for s in todo for lr in lrs if (s["policy_id"], round(lr, 12)) not in have]
         with self.stage("finetune", not missing) as run:
             if not run:
@@ -401,15 +403,23 @@ class Study:
             rows = []
             for o in outcomes:
                 sel = by_id[o.policy_id]
-                if o.status != "TERMINATED" or "top1" not in o.metrics:
+                if o.status != "TERMINATED" or "val_top1" not in o.metrics:
                     self.echo(f"[finetune] trial for policy {o.policy_id} lr={o.lr:g} failed; see Ray logs")
                     continue
+                complete = "top1" in o.metrics  # measured on the evaluation split after the last epoch only
                 run_id = self._log_policy_run("finetune", sel, o.lr, o.history, o.metrics)
                 rows.append({"policy_id": o.policy_id, "searcher": sel["searcher"], "stage": "finetune",
-                             "lr": o.lr, "epochs": cfg.finetune.epochs, "top1": o.metrics["top1"],
-                             "top5": o.metrics.get("top5"), "loss": o.metrics.get("loss"),
+                             "lr": o.lr, "epochs": int(o.metrics.get("epochs_trained", 0)),
+                             "budget_epochs": cfg.finetune.epochs, "status": "complete" if complete else "stopped",
+                             "val_top1": o.metrics["val_top1"], "val_loss": o.metrics.get("val_loss"),
+                             "val_split": holdout_description(cfg, int(o.metrics.get("holdout_samples", 0))),
+                             "top1": o.metrics.get("top1"), "top5": o.metrics.get("top5"),
+                             "loss": o.metrics.get("loss"),
                              "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id,
                              "seconds": float(o.metrics.get("time_total_s", 0.0))})
+            stopped = sum(r["status"] == "stopped" for r in rows)
+            if stopped:
+                self.echo(f"[finetune] {stopped} trial(s) early-stopped by ASHA (recorded as stopped, never on a frontier)")
             # Trials run concurrently: compute time is the union of their epochs' wall-clock spans.
             self.compute_seconds["finetune"] = _union_seconds(
                 (h["epoch_start"], h["epoch_start"] + h["epoch_seconds"])
@@ -444,6 +454,7 @@ class Study:
                 final = {k: r.get(k) for k in ("top1", "top5", "loss")}
                 run_id = self._log_policy_run("ptq", sel, None, [], final)
                 rows.append({**r, "searcher": sel["searcher"], "stage": "ptq", "lr": None, "epochs": 0,
+                             "budget_epochs": 0, "status": "complete",
                              "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id})
                 self.compute_seconds["ptq"] = self.compute_seconds.get("ptq", 0.0) + float(r.get("seconds") or 0.0)
             upsert_results(self.results_path, rows)

@@ -187,7 +187,7 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
     from ray.train.torch import TorchConfig, TorchTrainer
 
     res = cfg.resources
-    require_resources(res.num_workers, res.cpus_per_worker, res.use_gpu)
+    require_resources(res)
     loop_config = {**loop_config, "study": cfg.to_dict(),
                    "trace_dir": str(trace_dir) if trace_dir else None,
                    "fault": _fault_hook(paths, name, res.num_workers)}

@@ -3,6 +3,7 @@ shared weights and, per layer, the step sizes and BatchNorm of the policy's bits
 import torch
 
 from orchestrator.finetune import load_multibit_state
+from workloads.data import load_data
 from workloads.models import build_model
 from workloads.quant import Policy, quant_layers, quantize_model, set_policy, set_uniform
 
@@ -76,4 +77,32 @@ def test_finetune_trial_resumed_from_its_epoch_checkpoint_ends_like_an_uninterru
     resumed = run(resume_from=Checkpoint.from_directory(str(tmp_path / "kept")))
     assert [r["epoch"] for r in resumed] == [1, 2]
     for a, b in zip(whole[1:], resumed):
-        assert (a["top1"], a["loss"], a["train_loss"]) == (b["top1"], b["loss"], b["train_loss"])
+        assert (a["val_top1"], a["val_loss"], a["train_loss"]) == (b["val_top1"], b["val_loss"], b["train_loss"])
+    # The evaluation split is measured once, after the last epoch; every epoch is scored on the holdout.
+    assert [("top1" in r) for r in whole] == [False, False, True]
+    assert (whole[-1]["top1"], whole[-1]["loss"]) == (resumed[-1]["top1"], resumed[-1]["loss"])
+    n_train = len(load_data("digits").train)
+    assert whole[0]["holdout_samples"] == round(n_train * cfg.data.holdout_fraction)
+
+
+def test_holdout_is_seeded_disjoint_from_training_and_uses_eval_transforms(tmp_path):
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from workloads.data import holdout_split, imagenet
+
+    d = load_data("digits")
+    a_train, a_hold = holdout_split(d, 0.1, seed=3)
+    b_train, b_hold = holdout_split(d, 0.1, seed=3)
+    assert a_hold.indices == b_hold.indices and holdout_split(d, 0.1, seed=4)[1].indices != a_hold.indices
+    assert not set(a_train.indices) & set(a_hold.indices)
+    assert len(a_train) + len(a_hold) == len(d.train) and len(a_hold) == round(0.1 * len(d.train))
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(5):
+                Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.jpg")
+    bundle = imagenet(tmp_path, image_size=32)
+    train, hold = holdout_split(bundle, 0.2, seed=0)
+    assert isinstance(hold.dataset.transform.transforms[0], T.Resize)            # eval: resize + centre crop
+    assert isinstance(train.dataset.transform.transforms[0], T.RandomResizedCrop)  # train keeps augmenting

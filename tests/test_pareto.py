@@ -48,10 +48,10 @@ def _search(searcher, pid, bitops, size, *, objective=None, alpha=None, qem=None
             "bitops_budget": budget, "size_budget": None}
 
 
-def _result(pid, searcher, stage, top1, *, lr=None, bitops=None, size=None):
+def _result(pid, searcher, stage, top1, *, lr=None, bitops=None, size=None, val=None, status="complete"):
     return {"policy_id": pid, "searcher": searcher, "stage": stage, "lr": lr, "epochs": 0 if stage == "ptq" else 2,
-            "top1": top1, "top5": 1.0, "loss": 1 - top1, "bitops": bitops, "size_bits": size,
-            "mlflow_run_id": None, "seconds": 1.0}
+            "status": status, "val_top1": val, "top1": top1, "top5": 1.0, "loss": 1 - top1, "bitops": bitops,
+            "size_bits": size, "mlflow_run_id": None, "seconds": 1.0}
 
 
 SEARCH = [
@@ -72,10 +72,12 @@ SEARCH = [
 ]
 
 RESULTS = [
-    _result("L1", "limpq", "finetune", 0.80, lr=0.01),
-    _result("L1", "limpq", "finetune", 0.85, lr=0.04),      # best lr of L1
+    _result("L1", "limpq", "finetune", 0.80, lr=0.01, val=0.70),
+    _result("L1", "limpq", "finetune", 0.85, lr=0.04, val=0.72),  # best held-out score: L1's lr
+    _result("L1", "limpq", "finetune", 0.88, lr=0.10, val=0.71),  # best on the eval split: never looked at
     _result("L2", "limpq", "finetune", 0.84, lr=0.01),      # more BitOps, worse than L1: dominated
     _result("L3", "limpq", "finetune", 0.90, lr=0.01),
+    _result("L3", "limpq", "finetune", 0.99, lr=0.04, val=0.99, status="stopped"),  # early-stopped: never chosen
     _result("L3", "limpq", "ptq", 0.99),                    # ptq of a finetuned searcher: ignored
     _result("L4", "limpq", "ptq", 0.95),                    # only ptq while limpq has finetunes: ignored
     _result("U2", "uniform", "ptq", 0.30, bitops=80.0, size=8.0),

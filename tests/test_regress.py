@@ -57,9 +57,10 @@ def _results_rows(search: list[dict]) -> list[dict]:
         base = {"policy_id": r["policy_id"], "searcher": r["searcher"], "bitops": r["bitops"],
                 "size_bits": r["size_bits"], "mlflow_run_id": None}
         if r["searcher"] != "mixquant":
-            for lr, bonus in ((0.01, 0.0), (0.04, -0.01)):  # two learning rates: the best one counts
-                out.append({**base, "stage": "finetune", "lr": lr, "epochs": 2, "top1": acc[r["point_id"]] + bonus,
-                            "top5": 0.99, "loss": 0.4, "seconds": 12.0})
+            for lr, bonus in ((0.01, 0.0), (0.04, -0.01)):  # two LRs: the best held-out score is reported
+                out.append({**base, "stage": "finetune", "lr": lr, "epochs": 2, "budget_epochs": 2,
+                            "status": "complete", "val_top1": acc[r["point_id"]] + bonus - 0.02,
+                            "top1": acc[r["point_id"]] + bonus, "top5": 0.99, "loss": 0.4, "seconds": 12.0})
         out.append({**base, "stage": "ptq", "lr": None, "epochs": 0, "top1": acc[r["point_id"]] - 0.05,
                     "top5": 0.97, "loss": 0.7, "seconds": 1.5})
     return out
@@ -133,7 +134,8 @@ def test_injected_accuracy_drop_fails(tmp_path, baseline, capsys):
                   and abs(r["top1"] - 0.915) < 1e-9)
     cand = tmp_path / "cand"
     shutil.copytree(baseline, cand)
-    # drop the policy's best learning rate by 2 points; its other lr is 1 point below already
+    # drop the chosen learning rate's (best held-out) eval top-1 by 2 points; the choice stays (it never
+    # looks at the evaluation split), so the frontier loses all 2 points
     for r in rows:
         if r["policy_id"] == target["policy_id"] and r["stage"] == "finetune" and r["lr"] == 0.01:
             r["top1"] -= 0.02
@@ -146,13 +148,13 @@ def test_injected_accuracy_drop_fails(tmp_path, baseline, capsys):
     assert v["policies"] is True and v["search objective"] is True
     data = json.loads((cand / "regress" / "regression.json").read_text())
     bad = [f for f in data["frontier"] if not f["ok"]]
-    # the policy is on the limpq finetune frontier on both axes; the best lr now loses 1 point (0.905)
+    # the policy is on the limpq finetune frontier on both axes
     assert {(f["stage"], f["searcher"], f["axis"]) for f in bad} == {("finetune", "limpq", "bitops"),
                                                                      ("finetune", "limpq", "size_bits")}
-    assert all(f["drop"] == pytest.approx(0.01) for f in bad)
+    assert all(f["drop"] == pytest.approx(0.02) for f in bad)
     assert "# Regression report: REGRESSION" in (cand / "regress" / "regression.md").read_text()
     # the same candidate passes with a looser tolerance
-    code, _, _ = regress(capsys, "--baseline", baseline, "--candidate", cand, "--top1-drop", "0.011")
+    code, _, _ = regress(capsys, "--baseline", baseline, "--candidate", cand, "--top1-drop", "0.021")
     assert code == 0
 
 

@@ -316,10 +316,10 @@ def test_unreachable_address_is_one_line(cli, tmp_path):
 # ------------------------------------------------------------- pure parts of orchestrator.jobs
 def test_resource_shortfall():
     from orchestrator.config import load_config
-    from orchestrator.jobs import resource_shortfall
+    from orchestrator.resources import resource_shortfall
 
     def cfg(*o):
-        return load_config(ROOT / DEFAULT, list(o))
+        return load_config(ROOT / DEFAULT, list(o)).resources
 
     cpu2 = [{"CPU": 2.0}]
     gpu_cluster = [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}]
@@ -334,6 +334,29 @@ def test_resource_shortfall():
                                                                               "resources.cpus_per_worker=2"))
     assert "no node has resources.cpus_per_worker=3" in resource_shortfall([{"CPU": 2.0}, {"CPU": 2.0}],
                                                                         cfg("resources.cpus_per_worker=3"))
+
+
+def test_finetune_plan_fits_what_the_preflight_check_accepts():
+    """Every cluster the pre-flight check accepts can run a finetune trial: with DDP the trial is a
+    light driver (1 CPU only when one is spare) and trials in flight are what the cluster can feed."""
+    from orchestrator.config import load_config
+    from orchestrator.resources import DRIVER_MEMORY, finetune_plan, resource_shortfall
+
+    r50 = load_config(ROOT / "configs/imagenet_resnet50.yaml", ["data.root=/data"]).resources
+    for nodes, driver_cpus in (([{"CPU": 64.0, "GPU": 8.0}], 0), ([{"CPU": 8.0}, {"CPU": 64.0, "GPU": 8.0}], 1)):
+        assert resource_shortfall(nodes, r50) is None
+        plan = finetune_plan(nodes, r50)
+        assert plan.distributed and plan.max_concurrent == 1
+        assert plan.trial_resources == {"cpu": driver_cpus, "memory": DRIVER_MEMORY}
+    assert finetune_plan([{"CPU": 8.0}] + [{"CPU": 64.0, "GPU": 8.0}] * 2, r50).max_concurrent == 2  # 16 GPUs
+    small = load_config(ROOT / DEFAULT, ["resources.num_workers=2"]).resources
+    assert finetune_plan([{"CPU": 2.0}], small).trial_resources["cpu"] == 0
+    assert finetune_plan([{"CPU": 3.0}], small).trial_resources["cpu"] == 1
+    assert finetune_plan([{"CPU": 8.0}], small).max_concurrent == 2
+    assert finetune_plan([{"CPU": 8.0}], small, max_concurrent=1).max_concurrent == 1
+    one = load_config(ROOT / DEFAULT, []).resources
+    plan = finetune_plan([{"CPU": 2.0}], one)
+    assert not plan.distributed and plan.trial_resources == {"cpu": 1, "gpu": 0} and plan.max_concurrent == 2
 
 
 def test_token_lookup_order(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ A missing or malformed directory is an InputError naming the path and what was e
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,21 @@ def load_data(name: str, root: str | None = None, *, val_fraction: float = 0.2, 
             raise InputError(f"dataset {name} needs a local directory (data.root); nothing is downloaded")
         return cifar10(root) if name == "cifar10" else imagenet(root, image_size)
     raise InputError(f"unknown dataset {name!r}; known: mnist5k, digits, cifar10, imagenet")
+
+
+def holdout_split(bundle: DataBundle, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, holdout): a seeded random ``fraction`` of the training split held out for model
+    selection (learning rate, early stopping), so that choice never sees the evaluation split. The
+    holdout uses the evaluation transforms (no random crops or flips) where the data set has them."""
+    n = len(bundle.train)
+    k = max(1, int(round(n * fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, kept = sorted(perm[:k]), sorted(perm[k:])
+    source = bundle.train
+    if hasattr(source, "transform") and hasattr(bundle.val, "transform"):
+        source = copy.copy(source)  # shares the file list; only the transform differs
+        source.transform = bundle.val.transform
+    return torch.utils.data.Subset(bundle.train, kept), torch.utils.data.Subset(source, held)
 
 
 def subset(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:

@@ -22,7 +22,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # validated before any work starts
     paths = StudyPaths(cfg.study_dir)
     with ray_session(cfg.resources.address, cfg.resources.num_cpus, paths):
-        require_resources(cfg.resources.num_workers, cfg.resources.cpus_per_worker, cfg.resources.use_gpu)
+        require_resources(cfg.resources)
         fp = None
         if not cfg.indicators.import_path:
             pre = run_pretrain(cfg, paths)
