@@ -106,7 +106,10 @@ def test_policy_asha_never_compares_across_policies(tmp_path):
         return {(r.config["policy_id"], r.config["lr"]) for r in tuner.fit()
                 if r.metrics["training_iteration_epochs"] < 4}
 
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=str(tmp_path / "ray"))
+    import tempfile
+
+    # A short session path: Ray's sockets must fit in 107 bytes.
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="mpqr"))
     try:
         shared = stopped_early(ASHAScheduler(time_attr="training_iteration_epochs", metric="val_top1", mode="max",
                                              max_t=4, grace_period=1, reduction_factor=2), "shared")

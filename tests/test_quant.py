@@ -164,3 +164,14 @@ def test_policy_id_is_stable_and_distinguishes():
     assert a.policy_id == Policy(("l1", "l2"), (4, 2), (4, 4)).policy_id
     assert a.policy_id != Policy(("l1", "l2"), (4, 2), (4, 3)).policy_id
     assert Policy.from_json(a.to_json()) == a
+
+
+def test_single_bit_model_trains_every_parameter_it_has():
+    """DDP needs every trainable parameter to get a gradient each step: a policy model's unused FP
+    BatchNorms are frozen, and one backward reaches all the rest."""
+    names = searchable_names(quantize_model(SmallCNN(), bits=(4,)))
+    model = quantize_model(SmallCNN(), policy=Policy.uniform(names, 4)).train()
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert any(not p.requires_grad for n, p in model.named_parameters() if ".fp." in n)

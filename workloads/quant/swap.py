@@ -81,6 +81,10 @@ def quantize_model(
             if last_conv is None or last_conv.fixed:
                 continue  # BN after a fixed layer always runs at one precision
             sbn = SwitchableBatchNorm2d(module, last_conv.w_quant.bits)
+            if policy is not None:
+                # Single-bit mode trains only the policy's BN; the FP copy would be a parameter with no
+                # gradient, which DDP refuses (or must search for every step).
+                sbn.fp.requires_grad_(False)
             _set_submodule(model, name, sbn)
             # A plain attribute, not a submodule: the BN is registered where it already lives.
             object.__setattr__(last_conv, "bn", sbn)
