@@ -4,8 +4,8 @@ got worse.
 What is compared (each a check that passes, fails, or is skipped when neither side has the data):
 
 - **frontier accuracy at matched budgets** — per (stage, searcher) and per cost axis (BitOps, size), the
-  accuracy frontier is the step function "best top-1 of any evaluated policy costing at most B" (the
-  best learning rate per policy). It is evaluated at the baseline's frontier costs, where a drop is
+  accuracy frontier is the step function "best top-1 of any evaluated policy costing at most B" (per
+  policy the learning rate chosen on the held-out split, full-budget trials only: ``chosen_results``). It is evaluated at the baseline's frontier costs, where a drop is
   largest; the candidate may spend ``budget_rtol`` more. A drop above ``top1_drop`` (top-1 is a fraction:
   0.005 = half a point) or no candidate policy within a budget fails.
 - **search points** — rows matched by ``point_id``: a point the baseline had that the candidate lacks,
