@@ -8,10 +8,13 @@ Forward, per LIMPQ / LSQ:
     g  = 1 / sqrt(q_max * numel(x))
     s' = s*g + (s - s*g).detach()          # value s, gradient scaled by g
     q  = round_ste(clamp(x / s', q_min, q_max)) * s'
+computed by ``_LsqFunction`` with those gradients in closed form (fused into one kernel each way on
+CUDA); ``tests/test_quant.py`` checks it against the autograd formulation above.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterable
 
 import torch
@@ -21,32 +24,82 @@ from torch import nn
 MIN_STEP = 1e-5
 
 
-def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Value of ``x``, gradient multiplied by ``scale``."""
-    y = x * scale
-    return y + (x - y).detach()
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through gradient."""
-    return x + (x.round() - x).detach()
-
-
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
 
 
+def _lsq_forward(x: torch.Tensor, s: torch.Tensor, lo, hi) -> torch.Tensor:
+    return torch.clamp(x.float() / s, lo, hi).round() * s
+
+
+def _lsq_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+    xs = x.float() / s
+    c = torch.clamp(xs, lo, hi)
+    grad_x = grad * (c == xs)  # straight through inside the range, zero where clamped
+    # d(round(c)*s)/ds with a straight-through round: round(c) - x/s inside the range, round(c) outside.
+    grad_s = (grad * c.round()).sum() - (grad_x * xs).sum()
+    return grad_x.to(x.dtype), grad_s
+
+
+_KERNELS: dict[str, object] = {}
+
+
+def _kernels(device: torch.device):
+    """With MPQ_COMPILE_QUANT=1 the forward and the backward each fuse into one kernel (torch.compile,
+    dynamic shapes); eagerly each is a few passes over the activation. Opt-in until measured on a GPU:
+    bench/bench_gpu.py compares both."""
+    if os.environ.get("MPQ_COMPILE_QUANT", "0") != "1":
+        return _lsq_forward, _lsq_backward, False
+    if not _KERNELS:
+        _KERNELS.update(fwd=torch.compile(_lsq_forward, dynamic=True), bwd=torch.compile(_lsq_backward, dynamic=True))
+    return _KERNELS["fwd"], _KERNELS["bwd"], True
+
+
+_BOUNDS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bounds(q_min: int, q_max: int, device: torch.device, compiled: bool):
+    """The clamp bounds: Python numbers eagerly; for the compiled kernels 0-dim device tensors made
+    once per device, so the kernels are not specialised (and recompiled) per bit-width."""
+    if not compiled:
+        return float(q_min), float(q_max)
+    key = (q_min, q_max, device)
+    if key not in _BOUNDS:
+        _BOUNDS[key] = (torch.tensor(float(q_min), device=device), torch.tensor(float(q_max), device=device))
+    return _BOUNDS[key]
+
+
+class _LsqFunction(torch.autograd.Function):
+    """LSQ's forward and its straight-through gradients in closed form (the values autograd derives
+    from ``round_ste(clamp(x / s', q_min, q_max)) * s'``); saves only the input and the step."""
+
+    @staticmethod
+    def forward(ctx, x, s, q_min, q_max, g):
+        fwd, _, compiled = _kernels(x.device)
+        lo, hi = _bounds(q_min, q_max, x.device, compiled)
+        ctx.save_for_backward(x, s)
+        ctx.bounds, ctx.g = (q_min, q_max), g
+        return fwd(x, s, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s = ctx.saved_tensors
+        _, bwd, compiled = _kernels(x.device)
+        lo, hi = _bounds(*ctx.bounds, x.device, compiled)
+        grad_x, grad_s = bwd(grad, x, s, lo, hi)
+        return grad_x, (grad_s * ctx.g).reshape(s.shape), None, None, None
+
+
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """Always in fp32, also under bf16 autocast (as LIMPQ): x/s and its rounding in bf16 would put
-    values on another grid. The output is fp32; the conv/linear that consumes it may still run in bf16."""
+    values on another grid. The output is fp32; the conv/linear that consumes it may still run in bf16.
+    The step's gradient is scaled by g = 1/sqrt(q_max * numel(x)) (LSQ)."""
     q_min, q_max = qrange(bits, signed)
     with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
         s = step.float().clamp(min=MIN_STEP)
-        s = grad_scale(s, 1.0 / math.sqrt(q_max * x.numel()))
-        return round_ste(torch.clamp(x / s, q_min, q_max)) * s
+        return _LsqFunction.apply(x, s, q_min, q_max, 1.0 / math.sqrt(q_max * x.numel()))
 
 
 def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
