@@ -42,35 +42,26 @@ def _batch(device, n=4, classes=10):
             torch.randint(classes, (n,), generator=g).to(device))
 
 
-def _joint_setup(device):
+def _stepper(kind: str, device: str, amp_dtype=None):
+    """step(i): a training step of the kind on a ResNet-18 (bits 6,4,2), the i-th pre-drawn random
+    policy for the joint step; returns the loss, still on the device."""
     torch.manual_seed(0)
-    model = quantize_model(build_model("resnet18", 10), bits=BITS).to(device).train()
-    opt = quant_sgd(model, 0.01)
-    randoms = draw_random_policies(searchable_names(model), BITS, torch.Generator().manual_seed(1), 3)
-    return model, opt, randoms
-
-
-def _qat_setup(device):
-    torch.manual_seed(0)
+    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
+    x, y = _batch(device)
+    if kind == "joint":
+        model = quantize_model(build_model("resnet18", 10), bits=BITS).to(device).train()
+        opt = quant_sgd(model, 0.01)
+        randoms = draw_random_policies(searchable_names(model), BITS, torch.Generator().manual_seed(1), 3)
+        return lambda i: joint_step(model, x, y, BITS, opt, crit, randoms[i], amp_dtype=amp_dtype).loss
     names = searchable_names(quantize_model(build_model("resnet18", 10), bits=BITS))
     model = quantize_model(build_model("resnet18", 10), policy=Policy.uniform(names, 4)).to(device).train()
-    return model, quant_sgd(model, 0.01)
+    opt = quant_sgd(model, 0.01)
+    return lambda i: single_step(model, x, y, opt, crit, clip=1.0, amp_dtype=amp_dtype)
 
 
 @pytest.mark.parametrize("kind", ["joint", "qat"])
 def test_training_step_after_warmup_reads_nothing_back(kind):
-    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
-    x, y = _batch("cpu")
-    if kind == "joint":
-        model, opt, randoms = _joint_setup("cpu")
-
-        def step(i):
-            return joint_step(model, x, y, BITS, opt, crit, randoms[i]).loss
-    else:
-        model, opt = _qat_setup("cpu")
-
-        def step(i):
-            return single_step(model, x, y, opt, crit, clip=1.0)
+    step = _stepper(kind, "cpu")
     with counting_host_reads() as warmup:
         step(0)  # initialises every quantizer's step sizes: reads here are expected
     assert sum(warmup.values()) > 0, "the counter saw nothing: it would not catch a read either"
@@ -83,18 +74,7 @@ def test_training_step_after_warmup_reads_nothing_back(kind):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["joint", "qat"])
 def test_training_step_after_warmup_is_sync_free_on_cuda(kind):
-    crit = nn.CrossEntropyLoss(label_smoothing=0.1)
-    x, y = _batch("cuda")
-    if kind == "joint":
-        model, opt, randoms = _joint_setup("cuda")
-
-        def step(i):
-            joint_step(model, x, y, BITS, opt, crit, randoms[i], amp_dtype=torch.bfloat16)
-    else:
-        model, opt = _qat_setup("cuda")
-
-        def step(i):
-            single_step(model, x, y, opt, crit, clip=1.0, amp_dtype=torch.bfloat16)
+    step = _stepper(kind, "cuda", torch.bfloat16)
     step(0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
