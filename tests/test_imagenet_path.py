@@ -86,7 +86,9 @@ def test_study_used_the_cached_torchvision_weights(imagenet_study):
     got = {(r["layer"], r["bits"]): r["qe"] for r in qe.to_pylist()}
     for layer in layers[:2]:
         for b in (8, 4):
-            assert got[(layer, b)] == pytest.approx(expected[layer][b], rel=1e-9)
+            # Same weights (the fingerprint above is exact); float reductions on other thread counts
+            # differ in the last digits.
+            assert got[(layer, b)] == pytest.approx(expected[layer][b], rel=1e-5)
 
 
 def test_study_completes_with_ddp_finetunes_and_a_report(imagenet_study):
