@@ -256,4 +256,3 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
                                      metrics=dict(r.metrics or {}), history=history,
                                      status="ERROR" if r.error else "TERMINATED"))
     return outcomes
-

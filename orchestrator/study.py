@@ -217,9 +217,7 @@ class Study:
 
     # --------------------------------------------------------------- stages
     def run_pretrain(self) -> Path:
-        from .training import run_pretrain
-
-        from .training import given_weights
+        from .training import given_weights, run_pretrain
 
         cfg = self.cfg
         given = given_weights(cfg)

@@ -8,8 +8,8 @@ Forward, per LIMPQ / LSQ:
     g  = 1 / sqrt(q_max * numel(x))
     s' = s*g + (s - s*g).detach()          # value s, gradient scaled by g
     q  = round_ste(clamp(x / s', q_min, q_max)) * s'
-computed by ``_LsqFunction`` with those gradients in closed form (fused into one kernel each way on
-CUDA); ``tests/test_quant.py`` checks it against the autograd formulation above.
+computed by ``_LsqFunction`` with those gradients in closed form (fused into one kernel each way with
+MPQ_COMPILE_QUANT=1); ``tests/test_quant.py`` checks it against the autograd formulation above.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _lsq_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, lo, hi) 
 _KERNELS: dict[str, object] = {}
 
 
-def _kernels(device: torch.device):
+def _kernels():
     """With MPQ_COMPILE_QUANT=1 the forward and the backward each fuse into one kernel (torch.compile,
     dynamic shapes); eagerly each is a few passes over the activation. Opt-in until measured on a GPU:
     bench/bench_gpu.py compares both."""
@@ -77,7 +77,7 @@ class _LsqFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, s, q_min, q_max, g):
-        fwd, _, compiled = _kernels(x.device)
+        fwd, _, compiled = _kernels()
         lo, hi = _bounds(q_min, q_max, x.device, compiled)
         ctx.save_for_backward(x, s)
         ctx.bounds, ctx.g = (q_min, q_max), g
@@ -86,7 +86,7 @@ class _LsqFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, s = ctx.saved_tensors
-        _, bwd, compiled = _kernels(x.device)
+        _, bwd, compiled = _kernels()
         lo, hi = _bounds(*ctx.bounds, x.device, compiled)
         grad_x, grad_s = bwd(grad, x, s, lo, hi)
         return grad_x, (grad_s * ctx.g).reshape(s.shape), None, None, None
