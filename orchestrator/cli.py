@@ -2,13 +2,19 @@
 
 A verb module exposes ``register(subparsers)`` which adds its parser and sets ``func`` (a callable
 taking the parsed namespace and returning an exit code). Bad input anywhere raises ``UserError``,
-which becomes one line on stderr and exit code 2.
+which becomes one line on stderr and exit code 2; any other error is one line and exit code 1, its
+traceback in ``logs/error.log``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from workloads.errors import InputError
 
@@ -17,6 +23,7 @@ VERB_MODULES = [
     "orchestrator.verbs.run",
     "orchestrator.verbs.indicators",
     "orchestrator.verbs.search",
+    "orchestrator.verbs.status",
     "orchestrator.verbs.report",
     "orchestrator.verbs.submit",
     "orchestrator.verbs.regress",
@@ -41,7 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_log(text: str) -> Path:
+    """Where the traceback of an unexpected error goes: the command's logs/ (a study's, a search's
+    --out), else the system temp dir."""
+    from .console import CONSOLE
+
+    d = CONSOLE.log_dir or Path(tempfile.gettempdir()) / "mpqsweep"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "error.log"
+        with path.open("a") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} mpqsweep {' '.join(sys.argv[1:])}\n{text}\n")
+        return path
+    except OSError:
+        fd, name = tempfile.mkstemp(prefix="mpqsweep-error.", suffix=".log")
+        os.write(fd, text.encode())
+        os.close(fd)
+        return Path(name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .console import CONSOLE
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -50,11 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        CONSOLE.error(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        CONSOLE.error("interrupted")
         return 130
+    except Exception as e:  # a bug or an unforeseen fault: one line here, the traceback in a file
+        path = _error_log(traceback.format_exc())
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        CONSOLE.error(f"error: {type(e).__name__}: {first} (details in {path})")
+        return 1
+    finally:
+        CONSOLE.stop()
 
 
 if __name__ == "__main__":

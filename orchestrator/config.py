@@ -96,6 +96,7 @@ class SearchCfg:
     latency: list[str] = field(default_factory=list)             # "1.5", "1..3:5", "none"; needs latency_table
     latency_table: Optional[str] = None                          # CSV layer,w_bits,a_bits,cost
     bounds: Optional[str] = None                                 # JSON {layer: {w_min, w_max, a_min, a_max}}
+    max_points: int = 1_000_000                                  # refuse larger grids (they would not fit memory)
 
 
 @dataclass
@@ -336,7 +337,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) \
+                or str(e).splitlines()[0]
+            raise UserError(f"config file {where}: not valid YAML: {what}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must hold a mapping at the top level")
     for item in overrides:

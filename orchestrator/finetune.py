@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from ray.tune import Callback
 from torch import nn
 
 from workloads.data import holdout_split, load_data
@@ -28,6 +29,7 @@ from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sg
                              train_epoch)
 
 from .config import Config, config_from_dict
+from .console import CONSOLE
 from .errors import UserError
 from .paths import StudyPaths
 
@@ -194,6 +196,32 @@ def finetune_trial(config: dict) -> None:
     trainer.fit()
 
 
+class TrialProgress(Callback):
+    """The finetune sweep's progress bar (epochs done over all trials; a trial that ended counts in
+    full). Holds plain counters only: Tune pickles its callbacks with the experiment."""
+
+    def __init__(self, trials: int, epochs: int):
+        self.trials, self.epochs = trials, max(1, epochs)
+        self.done: dict[str, int] = {}
+        self.ended: set[str] = set()
+
+    def _show(self) -> None:
+        n = sum(self.epochs if t in self.ended else min(e, self.epochs) for t, e in self.done.items())
+        n += self.epochs * len(self.ended - set(self.done))
+        bar = CONSOLE.bars.get("finetune") or CONSOLE.bar("finetune", "finetune", self.trials * self.epochs, "epochs")
+        bar.update_to(n, postfix=f"{len(self.ended)}/{self.trials} trials ended")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.done[trial.trial_id] = int(result.get("epochs_trained") or result.get("epoch", 0) + 1)
+        self._show()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.add(trial.trial_id)
+        self._show()
+
+    on_trial_error = on_trial_complete
+
+
 def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_checkpoint: Path,
                   name: str = "finetune") -> list[TrialOutcome]:
     """Run (or resume) the Tune sweep over ``policies`` x learning rates; return one outcome per trial."""
@@ -240,6 +268,7 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
                                         # small model's epochs; trials reset all their state anyway.
                                         reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                      callbacks=[TrialProgress(len(by_id) * len(lrs), ft.epochs)],
                                       failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )

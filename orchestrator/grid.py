@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from .config import SearchCfg
+from .console import CONSOLE
 from .errors import UserError
 from .indicators import Indicators
 from .search_rows import ModelCosts, point_id
@@ -148,11 +149,34 @@ def parse_specs(specs: Iterable, what: str, uniform: bool) -> list[float | Unifo
     return out
 
 
+def spec_size(spec) -> int:
+    """How many values a spec makes, read from its text (a range's point count) without building them."""
+    m = _RANGE.match(spec.strip()) if isinstance(spec, str) else None
+    if m and m.group(3).strip().lstrip("+").isdigit():
+        return int(m.group(3))
+    return 1  # one value, or a malformed range that parse_spec reports
+
+
+def _check_size(search: SearchCfg) -> None:
+    """Refuse a grid above ``search.max_points`` from the specs' text, before building any of it."""
+    if search.max_points < 1:
+        raise UserError(f"search.max_points must be >= 1, got {search.max_points}")
+    parts = {"BitOps": search.bitops, "compression ratio": search.compression_ratio, "latency": search.latency}
+    sizes = {k: sum(spec_size(s) for s in v) for k, v in parts.items() if v}
+    sizes |= {"alpha": len(search.alpha), "bit list": max(1, len(search.bits))}
+    n = math.prod(sizes.values())
+    if n > search.max_points:
+        how = " x ".join(f"{v:,} {k}" for k, v in sizes.items())
+        raise UserError(f"the search grid would have {n:,} points ({how}), more than search.max_points="
+                        f"{search.max_points:,}; use fewer points per range or raise search.max_points")
+
+
 def check_search_cfg(search: SearchCfg) -> None:
-    """Everything about a ``SearchCfg`` that can be checked without the indicator table (specs,
-    α, batch size); one ``UserError`` naming the problem."""
+    """Everything about a ``SearchCfg`` that can be checked without the indicator table or files (specs,
+    grid size, α, batch size); one ``UserError`` naming the problem."""
     if not search.alpha:
         raise UserError("search needs at least one alpha")
+    _check_size(search)
     for a in search.alpha:
         if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or a < 0:
             raise UserError(f"alpha must be a finite number >= 0, got {a}")
@@ -168,6 +192,16 @@ def check_search_cfg(search: SearchCfg) -> None:
             raise UserError("a candidate bit list is empty")
     if search.batch_size is not None and search.batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {search.batch_size}")
+
+
+def check_search_files(search: SearchCfg) -> None:
+    """The bounds and latency files parse (their layers are checked against the indicators later).
+    Separate from ``check_search_cfg``: workers rebuild the config and need not see these files."""
+    from .ilp import LatencyTable
+
+    _load_bounds(search.bounds)
+    if search.latency_table:
+        LatencyTable.load(search.latency_table)
 
 
 # ----------------------------------------------------------------------------------- the grid
@@ -388,13 +422,12 @@ def run_limpq_grid(indicators: Indicators, search_cfg: SearchCfg, out_dir: Path,
 
 
 def run_grid(indicators: Indicators, search_cfg: SearchCfg, out_dir: str | os.PathLike, *, use_ray: bool = True,
-             progress: bool = True, batch_size: int | None = None) -> GridRun:
-    """``run_limpq_grid`` with its statistics. ``batch_size`` overrides ``search_cfg.batch_size``."""
-    from tqdm import tqdm
-
+             progress: bool = True, batch_size: int | None = None, grid: Grid | None = None) -> GridRun:
+    """``run_limpq_grid`` with its statistics. ``batch_size`` overrides ``search_cfg.batch_size``;
+    ``grid``: ``build_grid(indicators, search_cfg)`` when the caller built it already (to check it early)."""
     out = Path(out_dir)
     points_dir = out / POINTS_DIR
-    grid = build_grid(indicators, search_cfg)
+    grid = grid or build_grid(indicators, search_cfg)
     by_id = {p.point_id: p for p in grid.points}
     done = {r["point_id"]: r for r in read_search_table(points_dir)
             if r["point_id"] in by_id and r["status"] in _FINISHED}
@@ -414,8 +447,9 @@ def run_grid(indicators: Indicators, search_cfg: SearchCfg, out_dir: str | os.Pa
     run.batch_size, run.n_batches = size, len(batches)
     new: dict[str, dict] = {}
 
-    bar = tqdm(total=len(grid.points), initial=len(done), unit="pt", desc="limpq grid", disable=not progress,
-               dynamic_ncols=True, leave=True)
+    bar = CONSOLE.bar("search", "limpq grid", len(grid.points), "points") if progress else None
+    if bar is not None:
+        bar.update_to(len(done))
     counts = {s: sum(r["status"] == s for r in done.values()) for s in ("optimal", "infeasible", "error")}
 
     def finish(batch: Batch, out_: dict) -> None:
@@ -432,8 +466,8 @@ def run_grid(indicators: Indicators, search_cfg: SearchCfg, out_dir: str | os.Pa
         if "pid" in out_:
             run.workers.add(out_["pid"])
             run.nodes.add(out_.get("node", "local"))
-        bar.update(len(rows))
-        bar.set_postfix(counts, refresh=False)
+        if bar is not None:
+            bar.update_to(len(done) + len(new), postfix=", ".join(f"{v} {k}" for k, v in counts.items() if v))
 
     t0 = time.perf_counter()
     try:
@@ -443,7 +477,8 @@ def run_grid(indicators: Indicators, search_cfg: SearchCfg, out_dir: str | os.Pa
             for b in batches:  # the kill hook is for Ray workers only, never the caller's process
                 finish(b, solve_batch(grid.inputs, b.alpha, b.bits, b.payload()))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     run.wall_seconds = time.perf_counter() - t0
     run.n_solved = len(new)
 

@@ -143,6 +143,14 @@ class Indicators:
 
     @classmethod
     def from_json_dict(cls, d: dict, macs_column: str = "macs", where: str = "json") -> "Indicators":
+        if macs_column != "macs" and isinstance(d, dict):
+            entries = [l for l in d.get("layers") or [] if isinstance(l, dict)] + \
+                [{"name": k, **f} for k, f in (d.get("fixed_layers") or {}).items() if isinstance(f, dict)]
+            # A layer without the column falls back to "macs" (LIMPQ's table counts fc alike in both);
+            # a column no layer has is a typo.
+            if not any(macs_column in l for l in entries):
+                cols = sorted({k for l in entries for k in l if "macs" in k}) or ["macs"]
+                raise UserError(f"{where}: no MACs column {macs_column!r}; the table has {', '.join(cols)}")
         try:
             bits = [int(b) for b in d["bits"]]
             layers = [
@@ -175,6 +183,9 @@ class Indicators:
         try:
             if path.suffix == ".json":
                 return cls.from_json_dict(json.loads(path.read_text()), macs_column, where=str(path))
+            if macs_column != "macs":
+                raise UserError(f"{path}: a MACs column ({macs_column!r}) can be chosen only for a JSON table; "
+                                "a Parquet table has one 'macs' column")
             return cls.from_table(pq.read_table(path), where=str(path))
         except UserError:
             raise

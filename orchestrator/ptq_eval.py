@@ -32,6 +32,7 @@ from workloads.errors import InputError
 from workloads.quant.policy import Policy
 
 from .config import Config, config_from_dict
+from .console import CONSOLE
 from .errors import UserError
 from .search_rows import FIXED_BITS, ModelCosts
 
@@ -128,13 +129,23 @@ def _run_on_ray(cfg: Config, fp_checkpoint: str, policies: list[dict], calib_bat
                                                 max_retries=res.max_failures, name="ptq_eval")
     cfg_dict = cfg.to_dict()
     refs = [task.remote(cfg_dict, fp_checkpoint, b, calib_batches) for b in batches]
+    done: dict = {}
+    bar = CONSOLE.bar("ptq", "ptq", len(policies), "policies")
     try:
-        return [r for batch in ray.get(refs) for r in batch]
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                done[ref] = ray.get(ref)
+            bar.update_to(sum(len(rows) for rows in done.values()))
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, InputError):
             raise UserError(str(cause)) from None
         raise
+    finally:
+        bar.close()
+    return [r for ref in refs for r in done[ref]]
 
 
 def evaluate_ptq(cfg: Config, fp_checkpoint: str | Path, policies: Sequence[Policy], *, use_ray: bool = True,

@@ -8,14 +8,67 @@ crashed controller. It costs about 2 s at start-up.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import ray
 
+from .atomic import write_json
+from .console import CONSOLE
 from .errors import UserError
 from .paths import StudyPaths
+from .status import process_start_time
+
+log = logging.getLogger(__name__)
+
+
+OWNER = "mpq-owner.json"   # in a local Ray's temp dir: which process started it
+
+
+def ray_processes(temp_dir: Path) -> list[int]:
+    """Pids of processes of a local Ray kept in ``temp_dir``: its command line names the directory, or
+    its stdout/stderr go to a log file there (Ray's workers and agents rename themselves ``ray::...``).
+    Linux only (/proc); elsewhere an empty list."""
+    root, mine, out = str(temp_dir), os.getpid(), []
+    for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
+        pid = int(entry.name)
+        if pid == mine:
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fds = [os.readlink(entry / "fd" / n) for n in ("1", "2") if (entry / "fd" / n).exists()]
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if "ray" in cmd and (root in cmd or any(f.startswith(root + os.sep) for f in fds)):
+            out.append(pid)
+    return out
+
+
+def reap_stale(temp_dir: Path) -> int:
+    """Kill what an earlier, killed run left of the local Ray it started in ``temp_dir`` (SIGKILL of the
+    driver leaves Ray's agents running). A run that is still alive is left alone. Returns the count."""
+    f = temp_dir / OWNER
+    try:
+        owner = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return 0
+    pid = int(owner.get("pid", -1))
+    if pid != os.getpid() and process_start_time(pid) is not None and process_start_time(pid) == owner.get("start"):
+        return 0
+    killed = 0
+    for p in ray_processes(temp_dir):
+        try:
+            os.kill(p, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            pass
+    f.unlink(missing_ok=True)
+    return killed
 
 
 def init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None = None,
@@ -23,6 +76,12 @@ def init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None
     """Start or join Ray unless already initialised. Returns True if this call started it."""
     if ray.is_initialized():
         return False
+    started = _init_ray(address, num_cpus, paths, num_gpus)
+    CONSOLE.attach_ray()
+    return started
+
+
+def _init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None, num_gpus: int | None) -> bool:
     # Workers import our packages from the driver's environment; keep their logs quiet.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -39,9 +98,15 @@ def init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
             kwargs = dict(num_cpus=num_cpus, num_gpus=num_gpus, dashboard_host="127.0.0.1", log_to_driver=True,
                           include_dashboard=os.environ.get("MPQ_RAY_DASHBOARD", "1") != "0")
-            if paths is not None:
-                kwargs["_temp_dir"] = str(paths.ray_temp_dir())
+            temp = paths.ray_temp_dir() if paths is not None else None
+            if temp is not None:
+                kwargs["_temp_dir"] = str(temp)
+                n = reap_stale(temp)
+                if n:
+                    log.warning("stopped %d process(es) left by an earlier, killed run's Ray in %s", n, temp)
             ray.init(**kwargs)
+            if temp is not None:
+                write_json(temp / OWNER, {"pid": os.getpid(), "start": process_start_time(os.getpid())})
     except (ConnectionError, TimeoutError, RuntimeError) as e:
         raise UserError(f"cannot reach Ray at {address or 'local'}: {str(e).splitlines()[0]}") from None
     return True
@@ -54,7 +119,10 @@ def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | N
         yield
     finally:
         if started:
+            CONSOLE.detach_ray()
             ray.shutdown()
+            if paths is not None and not (address or os.environ.get("RAY_ADDRESS")):
+                (paths.ray_temp_dir() / OWNER).unlink(missing_ok=True)
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -27,9 +27,12 @@ from workloads.quant import Policy
 from .atomic import atomic_path, write_json
 from .config import Config, dump_config
 from .errors import UserError
+from .console import CONSOLE
 from .paths import StudyPaths
+from .preflight import check_study_inputs, writable_tree
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
+from .status import StatusWriter
 from .tracking import Tracker, check_reachable, open_tracker, resolve_uri
 
 log = logging.getLogger(__name__)
@@ -65,15 +68,20 @@ def _epoch_compute(history: list[dict]) -> float:
 
 
 class Study:
-    def __init__(self, cfg: Config, echo: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, echo: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.paths = StudyPaths(cfg.study_dir)
-        self.echo = echo
+        self.echo = echo or CONSOLE.echo
         self.timings: dict[str, float] = {}
         self.tracker: Tracker = Tracker.disabled(cfg.study.name)
         self.parent_run: str | None = None
         self.stage_runs: dict[str, str | None] = {}
         self.compute_seconds: dict[str, float] = {}   # time inside training/solver/eval kernels, per stage
+        self.status: StatusWriter | None = None
+        self.started_at = time.time()
+        self.t_start = time.perf_counter()
+        self.ray_start = 0.0
+        self._checked = False
 
     # ----------------------------------------------------------- bookkeeping
     def check_config(self) -> None:
@@ -91,17 +99,45 @@ class Study:
         with atomic_path(path) as tmp:
             tmp.write_text(dump_config(self.cfg))
 
+    def preflight(self) -> None:
+        """Everything checked before anything starts (Ray, MLflow): the inputs (read only, so bad input
+        leaves no study directory behind), then the study directory is writable and fits the config."""
+        if self._checked:
+            return
+        cfg = self.cfg
+        weights = check_study_inputs(cfg)
+        writable_tree(self.paths.root, "study directory")
+        self.check_config()
+        if weights is not None:                 # which file and bytes the study used
+            from .training import _file_digest
+
+            write_json(self.paths.root / "weights.json", {"weights": cfg.model.weights, "path": str(weights),
+                                                          "sha1": _file_digest(weights)})
+        if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
+            check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
+        self._checked = True
+
     @contextmanager
     def stage(self, name: str, done: bool) -> Iterator[bool]:
         """Time a stage and tell whether to run it (``False``: its output exists, skip)."""
         if done:
             self.echo(f"[{name}] done already, skipped")
+            if self.status:
+                self.status.stage(name, "done")
             yield False
             return
         self.echo(f"[{name}] running")
+        if self.status:
+            self.status.stage(name, "running")
         t0 = time.perf_counter()
-        yield True
+        try:
+            yield True
+        finally:
+            CONSOLE.close_bars()
         self.timings[name] = time.perf_counter() - t0
+        if self.status:
+            self.status.stage(name, "done", self.timings[name])
+        self._write_timings(complete=False)
         self.echo(f"[{name}] finished in {self.timings[name]:.1f}s")
 
     def _stage_run(self, name: str) -> str | None:
@@ -110,34 +146,40 @@ class Study:
                                                      tags={"mpq.stage": name})
         return self.stage_runs[name]
 
-    def _write_timings(self, wall: float, ray_start: float) -> dict:
+    def _write_timings(self, complete: bool) -> dict:
         """timings.json: seconds per stage (latest run of each) and, per invocation, the share of wall
         time spent orchestrating (Ray start, MLflow, I/O, scheduling) rather than computing (training
-        epochs, ILP solves, evaluation)."""
+        epochs, ILP solves, evaluation). Rewritten after every stage, so a killed run keeps its stages."""
         path = self.paths.root / "timings.json"
-        old = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            old = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:  # torn by a full disk or a kill mid-write of an older version
+            old = {}
         stages = {**old.get("stages", {}), **{k: round(v, 3) for k, v in self.timings.items()}}
         # Concurrent work (PTQ tasks) can sum to more than its stage's wall time: cap it there.
         self.compute_seconds = {k: min(v, self.timings.get(k, v)) for k, v in self.compute_seconds.items()}
         compute = sum(self.compute_seconds.values())
-        this = {"wall_seconds": round(wall, 3), "ray_start_seconds": round(ray_start, 3),
-                "mlflow_seconds": round(self.tracker.seconds, 3),
+        wall = time.perf_counter() - self.t_start
+        this = {"started_at": round(self.started_at, 3), "complete": complete, "wall_seconds": round(wall, 3),
+                "ray_start_seconds": round(self.ray_start, 3), "mlflow_seconds": round(self.tracker.seconds, 3),
                 "compute_seconds": {k: round(v, 3) for k, v in self.compute_seconds.items()},
                 "orchestration_share": round(max(0.0, wall - compute) / wall, 4) if wall > 0 else 0.0,
                 "stages_run": sorted(self.timings)}
-        out = {"stages": stages, "total_seconds": round(sum(stages.values()), 3),
-               "invocations": [*old.get("invocations", []), this]}
-        write_json(path, out)
+        others = [i for i in old.get("invocations", []) if i.get("started_at") != this["started_at"]]
+        write_json(path, {"stages": stages, "total_seconds": round(sum(stages.values()), 3),
+                          "invocations": [*others, this]})
         return this
+
+    def _on_progress(self, bar) -> None:
+        if self.status is not None:
+            self.status.progress(bar.key, bar.n, bar.total, bar.unit, bar.postfix)
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
         cfg = self.cfg
-        self.check_config()
-        t_start = time.perf_counter()
-        self._check_weights()
-        if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
-            check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
+        self.preflight()
+        self.status = StatusWriter(self.paths.root)
+        CONSOLE.on_progress = self._on_progress
         # Opening MLflow (import, sqlite schema, parent run) and starting Ray each take seconds of
         # mostly waiting; do them side by side. An MLflow error still stops the study before any stage.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open")
@@ -146,7 +188,7 @@ class Study:
         try:
             t_ray = time.perf_counter()
             with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths):
-                ray_start = time.perf_counter() - t_ray
+                self.ray_start = time.perf_counter() - t_ray
                 opening.result()
                 require_resources(cfg.resources)
                 fp = self.run_pretrain()
@@ -157,54 +199,59 @@ class Study:
                 self.run_ptq(selected, fp)
             self._backfill_mlflow(selected)
             self.run_report()
-        except BaseException:
+        except BaseException as e:
             wait([opening])  # never mark or leave a run while the opener may still be creating it
+            interrupted = isinstance(e, KeyboardInterrupt)
+            self.status.finish("interrupted" if interrupted else "failed",
+                               None if interrupted else (str(e).strip().splitlines() or [type(e).__name__])[0])
             self.tracker.set_tags(self.parent_run, {"mpq.status": "failed"})
             self.tracker.finish(self.parent_run, "FAILED")
             raise
-        this = self._write_timings(time.perf_counter() - t_start, ray_start)
+        finally:
+            CONSOLE.on_progress = None
+        this = self._write_timings(complete=True)
         self.tracker.log_metrics(self.parent_run, {"wall_seconds": this["wall_seconds"],
                                                    "orchestration_share": this["orchestration_share"]})
         self._finish_parent()
+        self.status.finish("complete")
+        warned = CONSOLE.warnings_line()
+        if warned:
+            self.echo(warned)
         self.echo(f"study {cfg.study.name} complete in {this['wall_seconds']:.0f}s "
                   f"(orchestration {100 * this['orchestration_share']:.0f}%): {self.paths.root}")
         return 0
 
-    def _check_weights(self) -> None:
-        """Resolve and load ``model.weights`` before anything starts: a missing, corrupt or misfitting
-        file is one line, not an error inside a Ray worker. Records which file and bytes were used."""
-        from .training import _file_digest, check_fp_checkpoint, given_weights
-
-        path = given_weights(self.cfg)
-        if path is None:
-            return
-        check_fp_checkpoint(self.cfg, path)
-        write_json(self.paths.root / "weights.json", {"weights": self.cfg.model.weights, "path": str(path),
-                                                      "sha1": _file_digest(path)})
-
     def _open_tracking(self) -> None:
         cfg = self.cfg
         self.tracker = open_tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.on_unreachable,
-                                    self.paths, cfg.study.name)
+                                    self.paths, cfg.study.name, echo=self.echo)
         self.parent_run = self.tracker.run("study", cfg.study.name, tags={"mpq.status": "running"})
         self.tracker.log_params(self.parent_run, _flatten(cfg.to_dict()))
+
+    def _log_result_runs(self, rows: list[dict], by_id: dict[str, dict], histories: dict) -> int:
+        """One MLflow run per result row without one; the rows' run ids are written back to Parquet.
+        Returns how many rows got a run (fewer when MLflow is off or stops answering)."""
+        fixed = []
+        for r in rows:
+            sel = by_id.get(r["policy_id"])
+            if r["mlflow_run_id"] or sel is None or not self.tracker.enabled:
+                continue
+            lr = r["lr"] if r["stage"] == "finetune" else None
+            run_id = self._log_policy_run(r["stage"], sel, lr, histories.get((r["policy_id"], r["lr"]), []), r)
+            if run_id and self.tracker.enabled:  # a run whose logging broke off is redone by the next backfill
+                fixed.append({**r, "mlflow_run_id": run_id})
+        if fixed:
+            upsert_results(self.results_path, fixed)
+        return len(fixed)
 
     def _backfill_mlflow(self, selected: list[dict]) -> None:
         """Give every result row its MLflow run: rows recorded while MLflow was unreachable
         (``tracking.on_unreachable: continue``) are logged now that it is back."""
         if not self.tracker.enabled:
             return
-        by_id = {s["policy_id"]: s for s in selected}
-        fixed = []
-        for r in read_results(self.results_path):
-            sel = by_id.get(r["policy_id"])
-            if r["mlflow_run_id"] or sel is None:
-                continue
-            lr = r["lr"] if r["stage"] == "finetune" else None
-            fixed.append({**r, "mlflow_run_id": self._log_policy_run(r["stage"], sel, lr, [], r)})
-        if fixed:
-            upsert_results(self.results_path, fixed)
-            self.echo(f"[mlflow] backfilled {len(fixed)} result(s) recorded while MLflow was unreachable")
+        n = self._log_result_runs(read_results(self.results_path), {s["policy_id"]: s for s in selected}, {})
+        if n:
+            self.echo(f"[mlflow] backfilled {n} result(s) recorded while MLflow was unreachable")
 
     def _finish_parent(self) -> None:
         for name, rel in (("search.parquet", "search/search.parquet"), ("results.parquet", "results/results.parquet"),
@@ -405,7 +452,6 @@ class Study:
                     self.echo(f"[finetune] trial for policy {o.policy_id} lr={o.lr:g} failed; see Ray logs")
                     continue
                 complete = "top1" in o.metrics  # measured on the evaluation split after the last epoch only
-                run_id = self._log_policy_run("finetune", sel, o.lr, o.history, o.metrics)
                 rows.append({"policy_id": o.policy_id, "searcher": sel["searcher"], "stage": "finetune",
                              "lr": o.lr, "epochs": int(o.metrics.get("epochs_trained", 0)),
                              "budget_epochs": cfg.finetune.epochs, "status": "complete" if complete else "stopped",
@@ -413,7 +459,7 @@ class Study:
                              "val_split": holdout_description(cfg, int(o.metrics.get("holdout_samples", 0))),
                              "top1": o.metrics.get("top1"), "top5": o.metrics.get("top5"),
                              "loss": o.metrics.get("loss"),
-                             "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id,
+                             "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": None,
                              "seconds": float(o.metrics.get("time_total_s", 0.0))})
             stopped = sum(r["status"] == "stopped" for r in rows)
             if stopped:
@@ -422,7 +468,9 @@ class Study:
             self.compute_seconds["finetune"] = _union_seconds(
                 (h["epoch_start"], h["epoch_start"] + h["epoch_seconds"])
                 for o in outcomes for h in o.history if "epoch_start" in h and "epoch_seconds" in h)
-            upsert_results(self.results_path, rows)
+            upsert_results(self.results_path, rows)  # the record first: MLflow may fail or be gone
+            histories = {(o.policy_id, o.lr): o.history for o in outcomes}
+            self._log_result_runs(rows, by_id, histories)
             self.tracker.log_artifact(self._stage_run("finetune"), self.results_path)
             failed = len(missing) - len(rows)
             if failed > 0:
@@ -449,13 +497,12 @@ class Study:
             rows = []
             for r in out:
                 sel = by_id[r["policy_id"]]
-                final = {k: r.get(k) for k in ("top1", "top5", "loss")}
-                run_id = self._log_policy_run("ptq", sel, None, [], final)
                 rows.append({**r, "searcher": sel["searcher"], "stage": "ptq", "lr": None, "epochs": 0,
                              "budget_epochs": 0, "status": "complete",
-                             "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": run_id})
+                             "bitops": sel["bitops"], "size_bits": sel["size_bits"], "mlflow_run_id": None})
                 self.compute_seconds["ptq"] = self.compute_seconds.get("ptq", 0.0) + float(r.get("seconds") or 0.0)
-            upsert_results(self.results_path, rows)
+            upsert_results(self.results_path, rows)  # the record first: MLflow may fail or be gone
+            self._log_result_runs(rows, by_id, {})
             self.tracker.log_artifact(self._stage_run("ptq"), self.results_path)
             self.tracker.finish(self._stage_run("ptq"))
 

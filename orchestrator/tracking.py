@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .errors import UserError
 from .paths import StudyPaths
@@ -35,7 +35,7 @@ def resolve_uri(configured: str | None, paths: StudyPaths) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or paths.mlflow_uri
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float = 2.5) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     url = uri.rstrip("/") + "/health"
@@ -48,13 +48,33 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {uri} is unreachable ({reason})") from None
 
 
+# MLflow's client retries a failed request 7 times with exponential back-off (minutes), then raises. A
+# study should notice a dead server within seconds; users who need patience set these themselves.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                 # MLflow prints "View run ... at" to stdout for every run ended on a server.
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def _lost_errors() -> tuple[type[BaseException], ...]:
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return MlflowException, RequestException, OSError
+
+
 def _timed(fn):
-    """Accumulate the wall time spent talking to MLflow (the study reports it as overhead)."""
+    """Accumulate the wall time spent talking to MLflow (the study reports it as overhead), and turn a
+    store that stops answering into ``Tracker.lost`` (one line, not a traceback)."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         t0 = time.perf_counter()
         try:
             return fn(self, *args, **kwargs)
+        except _lost_errors() as e:
+            if self.enabled:  # else an outer call of a nested pair has reported it already
+                self.lost(e)
+            return None
         finally:
             self.seconds += time.perf_counter() - t0
     return wrapper
@@ -63,12 +83,15 @@ def _timed(fn):
 class Tracker:
     """Idempotent run bookkeeping over MlflowClient. ``Tracker.disabled()`` does nothing."""
 
-    def __init__(self, uri: str | None, experiment: str, study_id: str, artifact_root: Path | None = None):
+    def __init__(self, uri: str | None, experiment: str, study_id: str, artifact_root: Path | None = None,
+                 on_unreachable: str = "fail", echo: Callable[[str], None] | None = None):
         self.seconds = 0.0
         t0 = time.perf_counter()
         self.enabled = uri is not None
         self.study_id = study_id
         self.uri = uri
+        self.on_unreachable = on_unreachable
+        self.echo = echo or (lambda msg: log.warning("%s", msg))
         if not self.enabled:
             return
         from mlflow.tracking import MlflowClient
@@ -85,6 +108,18 @@ class Tracker:
     @classmethod
     def disabled(cls, study_id: str = "") -> "Tracker":
         return cls(None, "", study_id)
+
+    def lost(self, err: BaseException) -> None:
+        """The store stopped answering mid-study: stop using it. ``continue``: say so once and go on
+        with Parquet as the record (the next run backfills); ``fail``: one UserError."""
+        self.enabled = False
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        if self.on_unreachable == "continue":
+            self.echo(f"[mlflow] {self.uri} stopped answering ({why}); continuing with Parquet as the record; "
+                      "the next run with MLflow reachable backfills it")
+            return
+        raise UserError(f"MLflow tracking at {self.uri} stopped answering ({why}); every finished result is in "
+                        "Parquet: rerun the study when MLflow is back (or set tracking.on_unreachable=continue)")
 
     # ------------------------------------------------------------------ runs
     @_timed
@@ -104,6 +139,8 @@ class Tracker:
         if not self.enabled:
             return None
         found = self.find(key)
+        if not self.enabled:
+            return None
         if found is not None:
             if found.info.status != "RUNNING" and found.info.status != "FINISHED":
                 self.client.update_run(found.info.run_id, status="RUNNING")
@@ -184,11 +221,18 @@ class Tracker:
 
 
 def open_tracker(configured_uri: str | None, experiment: str, on_unreachable: str, paths: StudyPaths,
-                 study_id: str) -> Tracker:
+                 study_id: str, echo: Callable[[str], None] | None = None) -> Tracker:
     uri = resolve_uri(configured_uri, paths)
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    import mlflow  # noqa: F401  (configures its loggers on import: route them to the study's logs/)
+
+    from .console import CONSOLE
+
+    CONSOLE.reroute()
     try:
         check_reachable(uri)
-        return Tracker(uri, experiment, study_id, paths.mlflow_artifacts)
+        return Tracker(uri, experiment, study_id, paths.mlflow_artifacts, on_unreachable, echo)
     except UserError:
         if on_unreachable == "continue":
             log.warning("MLflow at %s is unreachable; continuing with Parquet as the record", uri)

@@ -11,6 +11,7 @@ The driver side (building the ``TorchTrainer``, the stage functions) is ``orches
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from workloads.train import (average_over_ranks_, broadcast_parameters, cosine_w
                              make_loader, quant_sgd, seed_epoch, sgd, train_epoch, world)
 
 from .config import Config, config_from_dict
+from .console import ProgressTicker
 
 CKPT_FILE = "state.pt"
 # The random-policy generator is seeded with the study seed plus this offset on every rank, so all
@@ -223,6 +225,21 @@ def _data(cfg: Config, loop_cfg: dict | None = None):
 
 
 # ----------------------------------------------------------------------------- FP pretraining
+def stop_on_input_error(loop):
+    """Bad input is deterministic: a worker that meets it reports it (``input_error``) and ends the
+    run cleanly, so Ray Train does not restart the workers ``max_failures`` times to meet it again."""
+    @functools.wraps(loop)
+    def wrapper(loop_cfg: dict) -> None:
+        try:
+            loop(loop_cfg)
+        except InputError as e:
+            import ray.train
+
+            ray.train.report({"input_error": str(e)}, checkpoint=None)
+    return wrapper
+
+
+@stop_on_input_error
 def pretrain_loop(loop_cfg: dict) -> None:
     """FP training from scratch: SGD + cosine with warm-up, DDP via ``prepare_model``; evaluated and
     checkpointed every epoch."""
@@ -244,11 +261,14 @@ def pretrain_loop(loop_cfg: dict) -> None:
     amp = _amp_dtype(cfg, device)
     _, size = world()
     first_step: list[float] = []
+    ticker = ProgressTicker("pretrain", p.epochs, steps_per_epoch, rank)
+    epoch = start_epoch
 
     def on_step(i: int, loss: float) -> None:
         nonlocal step
         step += 1
         hooks.maybe_fault(step)
+        ticker(epoch, i + 1)
 
     for epoch in range(start_epoch, p.epochs):
         seed_epoch(train_loader, cfg.study.seed, epoch)
@@ -276,6 +296,7 @@ def pretrain_loop(loop_cfg: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- LIMPQ joint training
+@stop_on_input_error
 def indicator_loop(loop_cfg: dict) -> None:
     """LIMPQ's one-time joint training of the multi-bit model (Algorithm 1) on a fraction of the train
     set; the learned step sizes are the indicators. Each epoch's checkpoint also carries the indicator
@@ -304,6 +325,7 @@ def indicator_loop(loop_cfg: dict) -> None:
     amp = _amp_dtype(cfg, device)
     _, size = world()
     first_step = float("nan")
+    ticker = ProgressTicker("indicators", ic.epochs, steps_per_epoch, rank)
     for epoch in range(start_epoch, ic.epochs):
         seed_epoch(loader, cfg.study.seed, epoch)
         model.train()
@@ -322,6 +344,7 @@ def indicator_loop(loop_cfg: dict) -> None:
             n_steps += 1
             n_samples += len(y)
             loss_sum += res.loss
+            ticker(epoch, n_steps)
             if hooks.trace:
                 hooks.record({"rank": rank, "epoch": epoch, "step": step,
                               "policies": [[list(p.w_bits), list(p.a_bits)] for p in res.policies],

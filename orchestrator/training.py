@@ -214,6 +214,8 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
             raise UserError(f"{stage}: {bad}") from None
         raise
     wall = time.time() - t0
+    if (result.metrics or {}).get("input_error"):
+        raise UserError(f"{stage}: {result.metrics['input_error']}")
     if result.checkpoint is None:
         raise RuntimeError(f"{stage}: Ray Train run {name} finished without a checkpoint")
     try:

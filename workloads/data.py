@@ -72,12 +72,7 @@ def cifar10(root: str | Path) -> DataBundle:
     import torchvision.transforms as T
     from torchvision.datasets import CIFAR10
 
-    root = Path(root)
-    batches = root / "cifar-10-batches-py"
-    expected = ["data_batch_1", "data_batch_5", "test_batch", "batches.meta"]
-    if not batches.is_dir() or any(not (batches / f).is_file() for f in expected):
-        raise InputError(f"CIFAR-10 directory {root} must hold cifar-10-batches-py/ with "
-                         f"data_batch_1..5, test_batch and batches.meta (python version; no download)")
+    root = check_data("cifar10", root)
     norm = T.Normalize(CIFAR_MEAN, CIFAR_STD)
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val_tf = T.Compose([T.ToTensor(), norm])
@@ -93,12 +88,7 @@ def imagenet(root: str | Path, image_size: int = 224) -> DataBundle:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    root = Path(root)
-    for split in ("train", "val"):
-        d = root / split
-        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
-            raise InputError(f"ImageNet directory {root} must hold {split}/ with one sub-directory of "
-                             f"images per class (ImageFolder layout)")
+    root = check_data("imagenet", root)
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     val_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
@@ -109,17 +99,42 @@ def imagenet(root: str | Path, image_size: int = 224) -> DataBundle:
     return DataBundle(train, val, len(train.classes), (3, image_size, image_size))
 
 
+def check_data(name: str, root: str | Path | None) -> Path | None:
+    """The dataset's directory has the expected layout (checked without reading any image, so a
+    study can call it before starting anything); its Path, or None for the bundled datasets."""
+    if name in ("mnist5k", "digits"):
+        return None
+    if name not in ("cifar10", "imagenet"):
+        raise InputError(f"unknown dataset {name!r}; known: mnist5k, digits, cifar10, imagenet")
+    if not root:
+        raise InputError(f"dataset {name} needs a local directory (data.root); nothing is downloaded")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"data.root {root} does not exist or is not a directory ({name} is read from there; "
+                         "nothing is downloaded)")
+    if name == "cifar10":
+        batches = root / "cifar-10-batches-py"
+        expected = ["data_batch_1", "data_batch_5", "test_batch", "batches.meta"]
+        if not batches.is_dir() or any(not (batches / f).is_file() for f in expected):
+            raise InputError(f"CIFAR-10 directory {root} must hold cifar-10-batches-py/ with "
+                             f"data_batch_1..5, test_batch and batches.meta (python version; no download)")
+        return root
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+            raise InputError(f"ImageNet directory {root} must hold {split}/ with one sub-directory of "
+                             f"images per class (ImageFolder layout)")
+    return root
+
+
 def load_data(name: str, root: str | None = None, *, val_fraction: float = 0.2, seed: int = 0,
               image_size: int = 224) -> DataBundle:
     if name == "mnist5k":
         return mnist5k(val_fraction, seed)
     if name == "digits":
         return digits(val_fraction, seed)
-    if name in ("cifar10", "imagenet"):
-        if not root:
-            raise InputError(f"dataset {name} needs a local directory (data.root); nothing is downloaded")
-        return cifar10(root) if name == "cifar10" else imagenet(root, image_size)
-    raise InputError(f"unknown dataset {name!r}; known: mnist5k, digits, cifar10, imagenet")
+    check_data(name, root)
+    return cifar10(root) if name == "cifar10" else imagenet(root, image_size)
 
 
 def holdout_split(bundle: DataBundle, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:

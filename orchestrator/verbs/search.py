@@ -12,11 +12,10 @@ policy of every budget. Exit 0; 1 when some point ended in a solver/task error (
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
-from pathlib import Path
 
+from ..console import CONSOLE
 from ..errors import UserError
 
 
@@ -36,12 +35,15 @@ def register(sub) -> None:
     p.add_argument("--latency", nargs="+", action="extend", default=[], metavar="SPEC", help="latency budgets")
     p.add_argument("--bounds", metavar="JSON", help="per-layer bit bounds {layer: {w_min, w_max, a_min, a_max}}")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (resumed when it exists)")
+    p.add_argument("--max-points", type=int, default=1_000_000,
+                   help="refuse grids with more points than this (default 1000000)")
     p.add_argument("--no-ray", action="store_true", help="solve in this process instead of Ray tasks")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--batch-size", type=int, help="points per Ray task (default: automatic)")
     p.add_argument("--show", type=int, default=30, help="budget lines to print (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show Ray's output (always kept in DIR/logs/)")
     p.set_defaults(func=run)
 
 
@@ -70,32 +72,36 @@ def _bit_lists(values: list[str]) -> list[list[int]]:
 
 def run(args) -> int:
     from ..config import SearchCfg
-    from ..grid import check_search_cfg, run_grid
+    from ..grid import build_grid, check_search_cfg, check_search_files, run_grid
     from ..indicators import Indicators
     from ..paths import StudyPaths
+    from ..preflight import writable_tree
     from ..ray_session import ray_session
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = SearchCfg(alpha=_floats(args.alpha, "--alpha") or [2.0], bitops=list(args.bitops),
                     compression_ratio=list(args.cr), bits=_bit_lists(args.bits), batch_size=args.batch_size,
-                    latency=list(args.latency), latency_table=args.latency_table, bounds=args.bounds)
+                    latency=list(args.latency), latency_table=args.latency_table, bounds=args.bounds,
+                    max_points=args.max_points)
     check_search_cfg(cfg)
+    check_search_files(cfg)
     if args.num_cpus is not None and args.num_cpus < 1:
         raise UserError(f"--num-cpus must be >= 1, got {args.num_cpus}")
     if args.show < 0:
         raise UserError(f"--show must be >= 0, got {args.show}")
     ind = Indicators.load(args.indicators, args.macs_column)
-    out = Path(args.out)
+    grid = build_grid(ind, cfg)  # bits, bounds and latency rows against the table, before Ray starts
+    out = writable_tree(args.out, "--out")
+    CONSOLE.start(out / "logs", verbose=args.verbose)
     t0 = time.perf_counter()
     if args.no_ray:
-        res = run_grid(ind, cfg, out, use_ray=False, progress=not args.no_progress)
+        res = run_grid(ind, cfg, out, use_ray=False, progress=not args.no_progress, grid=grid)
         where = "in-process"
     else:
         with ray_session(args.address, args.num_cpus, StudyPaths(out)):
             import ray
 
             cpus = ray.cluster_resources().get("CPU", 0)
-            res = run_grid(ind, cfg, out, use_ray=True, progress=not args.no_progress)
+            res = run_grid(ind, cfg, out, use_ray=True, progress=not args.no_progress, grid=grid)
         where = f"on Ray ({cpus:g} CPUs)"
     wall = time.perf_counter() - t0
     _summary(res, where, wall, args.show)
@@ -105,29 +111,29 @@ def run(args) -> int:
 def _summary(res, where: str, wall: float, show: int) -> None:
     from ..grid import POINTS_DIR, POLICIES_FILE
 
-    print(f"search: {res.n_points} points: {res.count('optimal')} optimal, {res.count('infeasible')} infeasible, "
+    CONSOLE.echo(f"search: {res.n_points} points: {res.count('optimal')} optimal, {res.count('infeasible')} infeasible, "
           f"{res.count('error')} error; {res.n_policies} distinct policies")
-    print(f"  {res.n_solved} solved now, {res.n_resumed} resumed from the table; "
+    CONSOLE.echo(f"  {res.n_solved} solved now, {res.n_resumed} resumed from the table; "
           f"{res.n_batches} batch(es) of <= {res.batch_size} points {where}; wall {wall:.1f} s "
           f"(grid {res.wall_seconds:.1f} s, Σ solve {res.solve_seconds:.1f} s)")
-    print(f"  table: {res.out_dir / POINTS_DIR}  policies: {res.out_dir / POLICIES_FILE}")
+    CONSOLE.echo(f"  table: {res.out_dir / POINTS_DIR}  policies: {res.out_dir / POLICIES_FILE}")
     if show == 0 or not res.rows:
         return
-    print("optimal policy per budget (budget, alpha, bits):")
+    CONSOLE.echo("optimal policy per budget (budget, alpha, bits):")
     head = f"  {'bitops':>12} {'cr':>6} {'latency':>8} {'alpha':>5} {'bits':>11}  {'status':<10} " \
            f"{'objective':>10} {'GBitOps':>9} {'MB':>7} {'CR':>6}  policy"
-    print(head)
+    CONSOLE.echo(head)
     rows = sorted(res.rows, key=lambda r: (_key(r["bitops_budget"]), _key(r["compression_ratio_budget"]),
                                            _key(r["latency_budget"]), r["alpha"], r["bits"]))
     for r in rows[:show]:
         ok = r["status"] == "optimal"
-        print(f"  {r['bitops_label'] or '-':>12} {_fmt(r['compression_ratio_budget'], '.4g'):>6} "
+        CONSOLE.echo(f"  {r['bitops_label'] or '-':>12} {_fmt(r['compression_ratio_budget'], '.4g'):>6} "
               f"{_fmt(r['latency_budget'], '.4g'):>8} {r['alpha']:>5g} {r['bits']:>11}  {r['status']:<10} "
               f"{_fmt(r['objective'], '.4f'):>10} {_fmt(r['bitops'] and r['bitops'] / 1e9, '.3f'):>9} "
               f"{_fmt(r['size_mb'], '.3f'):>7} {_fmt(r['compression_ratio'], '.2f'):>6}  "
               + (r["policy_id"] if ok else (r["reason"] or "")[:90]))
     if len(rows) > show:
-        print(f"  ... {len(rows) - show} more in the table")
+        CONSOLE.echo(f"  ... {len(rows) - show} more in the table")
 
 
 def _key(v) -> float:
