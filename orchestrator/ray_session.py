@@ -30,10 +30,20 @@ log = logging.getLogger(__name__)
 OWNER = "mpq-owner.json"   # in a local Ray's temp dir: which process started it
 
 
+def _open_files(proc: Path) -> list[str]:
+    out = []
+    for fd in (proc / "fd").iterdir():
+        try:
+            out.append(os.readlink(fd))
+        except OSError:
+            continue
+    return out
+
+
 def ray_processes(temp_dir: Path) -> list[int]:
     """Pids of processes of a local Ray kept in ``temp_dir``: its command line names the directory, or
-    its stdout/stderr go to a log file there (Ray's workers and agents rename themselves ``ray::...``).
-    Linux only (/proc); elsewhere an empty list."""
+    it holds a file there open (Ray's agents and workers rename themselves ``ray::...`` and write to
+    their session's log files). Linux only (/proc); elsewhere an empty list."""
     root, mine, out = str(temp_dir), os.getpid(), []
     for entry in Path("/proc").glob("[0-9]*") if Path("/proc").is_dir() else []:
         pid = int(entry.name)
@@ -41,11 +51,12 @@ def ray_processes(temp_dir: Path) -> list[int]:
             continue
         try:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            fds = [os.readlink(entry / "fd" / n) for n in ("1", "2") if (entry / "fd" / n).exists()]
+            if "ray" not in cmd:
+                continue
+            if root in cmd or any(f.startswith(root + os.sep) for f in _open_files(entry)):
+                out.append(pid)
         except OSError:
             continue  # gone meanwhile, or not ours to read
-        if "ray" in cmd and (root in cmd or any(f.startswith(root + os.sep) for f in fds)):
-            out.append(pid)
     return out
 
 

@@ -1,7 +1,8 @@
 """The study end to end: the README's main-job config (configs/default.yaml), shrunk, through the real
-CLI on real local Ray + sqlite MLflow + Parquet. The study is killed mid-run and restarted; the
-restarted run completes with no duplicated rows or MLflow runs, a third run only resumes, and LIMPQ's
-finetuned policies match or beat the uniform ones at equal or lower BitOps."""
+CLI on real local Ray + sqlite MLflow + Parquet. The driver is SIGKILLed mid-run and restarted; `status`
+calls the killed run interrupted, the restarted run leaves no Ray process of the first behind, prints
+only our own lines, and completes with no duplicated rows or MLflow runs; a third run only resumes; and
+LIMPQ's finetuned policies match or beat the uniform ones at equal or lower BitOps."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from orchestrator.paths import StudyPaths
+from orchestrator.ray_session import ray_processes
+from orchestrator.status import study_status
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -60,14 +65,22 @@ def study(tmp_path_factory):
         time.sleep(0.5)
     assert selected.exists(), (tmp / "first.log").read_text()[-3000:]
     time.sleep(8)  # into the finetune trials
+    during = study_status(study_dir)
     killed = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9 PID` would
     proc.wait()
     log.close()
+    after_kill = {"during": during, "status": study_status(study_dir),
+                  "timings": json.loads((study_dir / "timings.json").read_text())}
     t0 = time.perf_counter()
     second = subprocess.run(_cli(study_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return {"dir": study_dir, "killed": killed, "second": second, "second_s": time.perf_counter() - t0, "env": env}
+    yield {"dir": study_dir, "killed": killed, "second": second, "second_s": time.perf_counter() - t0, "env": env,
+           "after_kill": after_kill, "left_over": ray_processes(StudyPaths(study_dir).ray_temp_dir())}
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever a failed test left of the first run
+    except ProcessLookupError:
+        pass
 
 
 def test_killed_study_resumes_and_completes(study):
@@ -115,6 +128,36 @@ def test_killed_study_resumes_and_completes(study):
     timings = json.loads((d / "timings.json").read_text())
     last = timings["invocations"][-1]
     assert 0.0 <= last["orchestration_share"] <= 1.0 and last["wall_seconds"] > 0
+
+
+# Lines of Ray, Tune, Train and MLflow that reached the console before it became ours.
+FOREIGN = ["Checkpoint successfully created", "Reporting training result", "PreemptionWatcher",
+           "Configuration for experiment", "tensorboard", "View detailed results", "View run", "urllib3",
+           "Started a local Ray instance", "Token authentication", "TrainController", "RayTrainWorker",
+           "Traceback"]
+
+
+def test_killed_driver_is_reported_leaves_no_ray_behind_and_the_console_is_ours(study):
+    during = study["after_kill"]["during"]
+    assert during["state"] == "running" and during["pid"] and \
+        {s["stage"]: s["state"] for s in during["stages"]}["select"] == "done", during
+    st = study["after_kill"]["status"]
+    assert st["state"] == "interrupted", st
+    states = {s["stage"]: s["state"] for s in st["stages"]}
+    assert states["finetune"] == "interrupted" and states["search"] == "done" and states["report"] == "pending"
+    first = study["after_kill"]["timings"]["invocations"][-1]  # the killed run kept its finished stages
+    assert not first["complete"] and {"pretrain", "indicators", "search", "select"} <= set(first["stages_run"])
+
+    assert study["left_over"] == [], "processes of a local Ray outlived the study"
+    second = study["second"]
+    console = second.stdout + second.stderr
+    assert not [f for f in FOREIGN if f in console], console[-3000:]
+    assert "[finetune] running" in second.stdout and "finetune:" in second.stdout  # our progress
+    d: Path = study["dir"]
+    assert "Checkpoint successfully created" in (d / "logs" / "workers.log").read_text()  # filed, not lost
+    assert study_status(d)["state"] == "complete"
+    invocations = json.loads((d / "timings.json").read_text())["invocations"]
+    assert [i["complete"] for i in invocations[-2:]] == [False, True]
 
 
 def test_limpq_matches_or_beats_uniform_at_equal_or_lower_bitops(study):
