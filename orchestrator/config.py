@@ -28,6 +28,7 @@ class StudyCfg:
     name: str = "default"
     dir: str = "studies/default"     # every output, checkpoint, Ray temp dir and the sqlite MLflow store
     seed: int = 0
+    lock_stale_s: float = 120.0          # a lock whose heartbeat is older is taken over (another host's run)
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Config:
 
         from workloads.models import REGISTRY
 
+        need(self.study.lock_stale_s > 3 * 10.0, "study.lock_stale_s must be > 30 (three lock heartbeats)")
         need(self.model.name in REGISTRY, f"model.name {self.model.name!r} is unknown; known: {', '.join(sorted(REGISTRY))}")
         need(self.data.name in ("mnist5k", "digits", "cifar10", "imagenet"),
              f"data.name {self.data.name!r} is unknown; known: mnist5k, digits, cifar10, imagenet")

@@ -23,6 +23,7 @@ from ray.tune import Callback
 from torch import nn
 
 from workloads.data import holdout_split, load_data
+from workloads.errors import InputError
 from workloads.models import build_model, load_weights
 from workloads.quant import LsqQuantizer, Policy, quantize_model
 from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, seed_epoch,
@@ -167,20 +168,30 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
             report(metrics, checkpoint=checkpoint)
 
 
+def _stop_on_input_error(loop: Callable, loop_cfg: dict, report: Callable, get_checkpoint: Callable,
+                         distributed: bool) -> None:
+    """Bad input is deterministic: report it (``input_error``) and end the trial, so that Tune does not
+    retry it ``max_failures`` times; the driver turns it into one UserError."""
+    try:
+        loop(loop_cfg, report, get_checkpoint, distributed)
+    except InputError as e:
+        report({"input_error": str(e)})
+
+
 def finetune_trial(config: dict) -> None:
     """Tune function trainable."""
     import ray.tune as tune
 
     cfg = config_from_dict(config["study"])
     if cfg.resources.num_workers <= 1:
-        _train_loop(config, tune.report, tune.get_checkpoint, distributed=False)
+        _stop_on_input_error(_train_loop, config, tune.report, tune.get_checkpoint, distributed=False)
         return
     import ray.train as rt
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     def worker(loop_cfg):
-        _train_loop(loop_cfg, rt.report, rt.get_checkpoint, distributed=True)
+        _stop_on_input_error(_train_loop, loop_cfg, rt.report, rt.get_checkpoint, distributed=True)
 
     trial = tune.get_context().get_trial_name()
     trainer = TorchTrainer(
@@ -258,7 +269,9 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_path = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(exp_path):
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, param_space=param_space)
+        # The stored param_space, not this run's: Tune refuses any difference, and a resumed study may
+        # differ in keys its trials never read (tracking, resources.num_cpus, study.lock_stale_s ...).
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -275,6 +288,10 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
     results = tuner.fit()
     outcomes = []
     for r in results:
+        if r.config is None:  # a trial that never started (the sweep was stopped first)
+            continue
+        if (r.metrics or {}).get("input_error"):
+            raise UserError(f"finetune: {r.metrics['input_error']}")
         df = r.metrics_dataframe
         history = [] if df is None else [
             {k: float(row[k]) for k in ("epoch", "val_top1", "val_top5", "val_loss", "top1", "top5", "loss",

@@ -169,7 +169,12 @@ def study_status(root: str | os.PathLike) -> dict:
         st.get("state") if st.get("state") in ("complete", "failed", "interrupted") else \
         ("interrupted" if st.get("state") == "running" else
          "complete" if all(x["state"] in ("done", "skipped") for x in stages) else "stopped")
-    return {"study": (cfg.get("study") or {}).get("name", root.name), "dir": str(root.resolve()),
+    from .lock import describe, owner_alive, read_lock
+
+    owner = read_lock(root)
+    stale_after = float((cfg.get("study") or {}).get("lock_stale_s", 120.0))
+    held = describe(owner) if owner and owner_alive(owner, stale_after) else None
+    return {"study": (cfg.get("study") or {}).get("name", root.name), "dir": str(root.resolve()), "held_by": held,
             "state": overall, "pid": st.get("pid"), "host": st.get("host"), "updated_at": st.get("updated_at"),
             "stages": stages, "last_error": st.get("last_error")}
 
@@ -185,6 +190,8 @@ def format_status(s: dict) -> list[str]:
     if s.get("updated_at"):
         head += f", last update {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(s['updated_at']))}"
     lines = [f"study {s['study']} ({s['dir']}): {head}"]
+    if s.get("held_by"):
+        lines.append(f"  held by {s['held_by']}")
     for st in s["stages"]:
         lines.append(f"  {st['stage']:<11} {st['state']:<12} {st['detail']}".rstrip())
     err = s.get("last_error")

@@ -28,8 +28,9 @@ from .atomic import atomic_path, write_json
 from .config import Config, dump_config
 from .errors import UserError
 from .console import CONSOLE
+from .lock import StudyLock
 from .paths import StudyPaths
-from .preflight import check_study_inputs, writable_tree
+from .preflight import check_study_inputs, writable_dir, writable_tree
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
 from .status import StatusWriter
@@ -82,6 +83,7 @@ class Study:
         self.t_start = time.perf_counter()
         self.ray_start = 0.0
         self._checked = False
+        self.lock: StudyLock | None = None
 
     # ----------------------------------------------------------- bookkeeping
     def check_config(self) -> None:
@@ -99,14 +101,34 @@ class Study:
         with atomic_path(path) as tmp:
             tmp.write_text(dump_config(self.cfg))
 
-    def preflight(self) -> None:
+    def preflight(self, wait: bool = False, command: str = "run") -> None:
         """Everything checked before anything starts (Ray, MLflow): the inputs (read only, so bad input
-        leaves no study directory behind), then the study directory is writable and fits the config."""
+        leaves no study directory behind), then the study directory is writable, not in use by another
+        run (``wait``: wait for it) and fits the config. Holds the study's lock until ``release``."""
         if self._checked:
             return
         cfg = self.cfg
         weights = check_study_inputs(cfg)
+        storage = cfg.resources.storage_path
+        if storage and "://" not in storage:  # Ray Train/Tune checkpoints outside the study directory
+            writable_dir(storage, "resources.storage_path")
         writable_tree(self.paths.root, "study directory")
+        self.lock = StudyLock(self.paths.root, command, cfg.study.lock_stale_s, echo=self.echo)
+        self.lock.acquire(wait=wait)
+        try:
+            self._checks_under_lock(weights)
+        except BaseException:
+            self.release()
+            raise
+        self._checked = True
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _checks_under_lock(self, weights) -> None:
+        cfg = self.cfg
         self.check_config()
         if weights is not None:                 # which file and bytes the study used
             from .training import _file_digest
@@ -115,7 +137,6 @@ class Study:
                                                           "sha1": _file_digest(weights)})
         if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
             check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
-        self._checked = True
 
     @contextmanager
     def stage(self, name: str, done: bool) -> Iterator[bool]:
@@ -176,8 +197,15 @@ class Study:
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
-        cfg = self.cfg
+        """The whole study (resumed where an earlier run stopped); holds the study's lock throughout."""
         self.preflight()
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> int:
+        cfg = self.cfg
         self.status = StatusWriter(self.paths.root)
         CONSOLE.on_progress = self._on_progress
         # Opening MLflow (import, sqlite schema, parent run) and starting Ray each take seconds of

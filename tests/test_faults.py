@@ -176,3 +176,12 @@ def test_cli_prints_no_traceback_for_bad_input_in_a_subprocess(tmp_path):
                           str(_table(tmp_path)), "--bitops", "w2a2..w6a6:100000000", "--out", str(tmp_path / "o")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_unwritable_checkpoint_storage_is_one_error(tmp_path, freeze, capsys):
+    storage = freeze(tmp_path / "ckpt")
+    code = main(["run", DEFAULT, f"study.dir={tmp_path / 's'}", f"resources.storage_path={storage}"])
+    assert code == 2
+    err = _one_error_line(capsys)
+    assert "resources.storage_path" in err and str(storage) in err and not ray.is_initialized()
+    assert not (tmp_path / "s").exists()

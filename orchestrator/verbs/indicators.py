@@ -9,22 +9,36 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. indicators.epochs=1")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show Ray and Train output (always kept in STUDY/logs/)")
+    p.add_argument("--wait", action="store_true",
+                   help="when another run holds the study directory, wait for it instead of exiting 2")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..config import load_config
     from ..console import CONSOLE
+    from ..lock import StudyLock
     from ..paths import StudyPaths
     from ..preflight import check_study_inputs, writable_tree
-    from ..ray_session import ray_session, require_resources
-    from ..training import run_indicators, run_pretrain
 
     cfg = load_config(args.config, args.overrides)  # validated before any work starts
     paths = StudyPaths(cfg.study_dir)
     check_study_inputs(cfg)
     writable_tree(paths.root, "study directory")
-    CONSOLE.start(paths.root / "logs", verbose=args.verbose)
+    lock = StudyLock(paths.root, "mpqsweep indicators", cfg.study.lock_stale_s, echo=CONSOLE.echo)
+    lock.acquire(wait=args.wait)
+    try:
+        CONSOLE.start(paths.root / "logs", verbose=args.verbose)
+        return _indicators(cfg, paths)
+    finally:
+        lock.release()
+
+
+def _indicators(cfg, paths) -> int:
+    from ..console import CONSOLE
+    from ..ray_session import ray_session, require_resources
+    from ..training import run_indicators, run_pretrain
+
     with ray_session(cfg.resources.address, cfg.resources.num_cpus, paths):
         require_resources(cfg.resources)
         fp = None

@@ -9,6 +9,8 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. indicators.epochs=1")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also show Ray, Tune, Train and MLflow output (always kept in STUDY/logs/)")
+    p.add_argument("--wait", action="store_true",
+                   help="when another run holds the study directory, wait for it instead of exiting 2")
     p.set_defaults(func=run)
 
 
@@ -19,6 +21,10 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated before any work starts
     study = Study(cfg)
-    study.preflight()                                # inputs, study directory, MLflow: before anything starts
-    CONSOLE.start(study.paths.root / "logs", verbose=args.verbose)
-    return study.run()
+    # Inputs, study directory, its lock, MLflow: all before anything starts.
+    study.preflight(wait=args.wait, command="mpqsweep run")
+    try:
+        CONSOLE.start(study.paths.root / "logs", verbose=args.verbose)
+        return study.run()
+    finally:
+        study.release()

@@ -95,6 +95,13 @@ def run(args) -> int:
         raise UserError("a CONFIG is required (or --stop / --logs SUBMISSION_ID)")
     # 1. everything local first: config, working dir, runtime_env
     cfg = load_config(args.config, args.overrides)
+    study_dir = Path(cfg.study.dir)
+    if study_dir.is_absolute() and study_dir.is_dir():  # shared storage this machine sees too
+        from ..lock import describe, owner_alive, read_lock
+
+        owner = read_lock(study_dir)
+        if owner and owner_alive(owner, cfg.study.lock_stale_s):
+            raise UserError(f"study {study_dir} is being run by {describe(owner)}; submit again when it is done")
     working_dir = Path(args.working_dir).expanduser().resolve()
     if not working_dir.is_dir():
         raise UserError(f"--working-dir {args.working_dir} is not a directory")
