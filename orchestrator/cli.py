@@ -68,6 +68,7 @@ def _error_log(text: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import interrupts
     from .console import CONSOLE
 
     parser = build_parser()
@@ -75,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    interrupts.install()
     try:
         return int(args.func(args) or 0)
     except InputError as e:
         CONSOLE.error(f"error: {e}")
         return 2
-    except KeyboardInterrupt:
-        CONSOLE.error("interrupted")
-        return 130
+    except KeyboardInterrupt as e:
+        CONSOLE.error(getattr(e, "message", "") or "interrupted; run the same command to resume")
+        return 128 + (interrupts.received() or getattr(e, "signum", 2))
     except Exception as e:  # a bug or an unforeseen fault: one line here, the traceback in a file
         path = _error_log(traceback.format_exc())
         first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         CONSOLE.stop()
+        interrupts.reset()
 
 
 if __name__ == "__main__":

@@ -80,7 +80,6 @@ def check_study_inputs(cfg) -> Path | None:
 
     from .grid import check_search_files
     from .indicators import Indicators
-    from .training import check_fp_checkpoint, given_weights
 
     try:
         check_data(cfg.data.name, cfg.data.root)
@@ -88,10 +87,28 @@ def check_study_inputs(cfg) -> Path | None:
         raise
     except InputError as e:
         raise UserError(str(e)) from None
-    weights = given_weights(cfg)
-    if weights is not None:
-        check_fp_checkpoint(cfg, weights)
+    weights = check_weights(cfg)
     if cfg.indicators.import_path:
         Indicators.load(Path(cfg.indicators.import_path).expanduser(), cfg.indicators.macs_column)
     check_search_files(cfg.search)
     return weights
+
+
+def check_weights(cfg) -> Path | None:
+    """``model.weights`` resolved (a torchvision name in the local hub cache, or a file) and loaded into
+    the config's model; None when the study pretrains. One UserError when missing, corrupt or misfit."""
+    from .training import check_fp_checkpoint, given_weights
+
+    weights = given_weights(cfg)
+    if weights is not None:
+        check_fp_checkpoint(cfg, weights)
+    return weights
+
+
+def record_weights(root: Path, cfg, weights: Path) -> None:
+    """``STUDY/weights.json``: which weights name, file and bytes (sha1) the study used."""
+    from .atomic import write_json
+    from .training import _file_digest
+
+    write_json(Path(root) / "weights.json", {"weights": cfg.model.weights, "path": str(weights),
+                                             "sha1": _file_digest(weights)})

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -82,12 +83,29 @@ def reap_stale(temp_dir: Path) -> int:
     return killed
 
 
+_LOCAL: list[Path] = []   # temp dir of the local Ray this process started, while it runs
+
+
+def stop_local_ray() -> None:
+    """Kill the processes of the local Ray this process started (a second Ctrl-C cannot wait for
+    ``ray.shutdown``)."""
+    for temp in _LOCAL:
+        for p in ray_processes(temp):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+
+
 def init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | None = None,
              num_gpus: int | None = None) -> bool:
     """Start or join Ray unless already initialised. Returns True if this call started it."""
+    from . import interrupts
+
     if ray.is_initialized():
         return False
     started = _init_ray(address, num_cpus, paths, num_gpus)
+    interrupts.reinstall()
     CONSOLE.attach_ray()
     return started
 
@@ -118,6 +136,7 @@ def _init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | Non
             ray.init(**kwargs)
             if temp is not None:
                 write_json(temp / OWNER, {"pid": os.getpid(), "start": process_start_time(os.getpid())})
+                _LOCAL.append(temp)
     except (ConnectionError, TimeoutError, RuntimeError) as e:
         raise UserError(f"cannot reach Ray at {address or 'local'}: {str(e).splitlines()[0]}") from None
     return True
@@ -132,8 +151,21 @@ def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | N
         if started:
             CONSOLE.detach_ray()
             ray.shutdown()
+            _reap_own()
             if paths is not None and not (address or os.environ.get("RAY_ADDRESS")):
                 (paths.ray_temp_dir() / OWNER).unlink(missing_ok=True)
+            _LOCAL.clear()
+
+
+def _reap_own(grace_s: float = 5.0) -> None:
+    """After ``ray.shutdown``: workers and agents of our local Ray exit on their own, a moment later;
+    nothing of it may outlive the command, so what is still there after ``grace_s`` is killed."""
+    deadline = time.monotonic() + grace_s
+    while _LOCAL and time.monotonic() < deadline:
+        if not any(ray_processes(t) for t in _LOCAL):
+            return
+        time.sleep(0.2)
+    stop_local_ray()
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -28,9 +29,10 @@ from .atomic import atomic_path, write_json
 from .config import Config, dump_config
 from .errors import UserError
 from .console import CONSOLE
+from .interrupts import Interrupted, received
 from .lock import StudyLock
 from .paths import StudyPaths
-from .preflight import check_study_inputs, writable_dir, writable_tree
+from .preflight import check_study_inputs, record_weights, writable_dir, writable_tree
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
 from .status import StatusWriter
@@ -130,11 +132,8 @@ class Study:
     def _checks_under_lock(self, weights) -> None:
         cfg = self.cfg
         self.check_config()
-        if weights is not None:                 # which file and bytes the study used
-            from .training import _file_digest
-
-            write_json(self.paths.root / "weights.json", {"weights": cfg.model.weights, "path": str(weights),
-                                                          "sha1": _file_digest(weights)})
+        if weights is not None:
+            record_weights(self.paths.root, cfg, weights)
         if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
             check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
 
@@ -191,6 +190,15 @@ class Study:
                           "invocations": [*others, this]})
         return this
 
+    def _where(self) -> str:
+        """The stage that was running and how far it got, e.g. ``finetune (4/12 epochs, 2/6 trials ended)``."""
+        st = self.status.state if self.status else {}
+        stage = st.get("stage") or "start-up"
+        p = (st.get("progress") or {}).get(stage)
+        if not p or not p.get("total"):
+            return stage
+        return f"{stage} ({p['done']}/{p['total']} {p['unit']}" + (f", {p['note']}" if p.get("note") else "") + ")"
+
     def _on_progress(self, bar) -> None:
         if self.status is not None:
             self.status.progress(bar.key, bar.n, bar.total, bar.unit, bar.postfix)
@@ -228,12 +236,17 @@ class Study:
             self._backfill_mlflow(selected)
             self.run_report()
         except BaseException as e:
-            wait([opening])  # never mark or leave a run while the opener may still be creating it
             interrupted = isinstance(e, KeyboardInterrupt)
+            where = self._where() if interrupted else ""
             self.status.finish("interrupted" if interrupted else "failed",
                                None if interrupted else (str(e).strip().splitlines() or [type(e).__name__])[0])
-            self.tracker.set_tags(self.parent_run, {"mpq.status": "failed"})
-            self.tracker.finish(self.parent_run, "FAILED")
+            wait([opening])  # never mark or leave a run while the opener may still be creating it
+            self.tracker.set_tags(self.parent_run, {"mpq.status": "interrupted" if interrupted else "failed"})
+            self.tracker.finish(self.parent_run, "KILLED" if interrupted else "FAILED")
+            if interrupted:
+                # Ray re-raises a plain KeyboardInterrupt from inside ray.get: the handler knows which signal.
+                signum = received() or getattr(e, "signum", signal.SIGINT)
+                raise Interrupted(signum, f"interrupted during {where}; run the same command to resume") from None
             raise
         finally:
             CONSOLE.on_progress = None

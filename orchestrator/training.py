@@ -34,6 +34,7 @@ from torch import nn
 
 from workloads.errors import InputError
 
+from . import interrupts
 from .atomic import atomic_path, write_json
 from .config import Config
 from .errors import UserError
@@ -205,6 +206,10 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
             checkpoint_config=rt.CheckpointConfig(num_to_keep=2),
         ),
     )
+    # Train's fit() installs a SIGINT handler of its own (abort, then exit 0) and never removes it; ours
+    # stops the whole study with one line and the right exit code (orchestrator.interrupts).
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
     t0 = time.time()
     try:
         result = trainer.fit()
@@ -213,6 +218,8 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
         if bad is not None:
             raise UserError(f"{stage}: {bad}") from None
         raise
+    finally:
+        interrupts.reinstall()
     wall = time.time() - t0
     if (result.metrics or {}).get("input_error"):
         raise UserError(f"{stage}: {result.metrics['input_error']}")

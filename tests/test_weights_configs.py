@@ -11,27 +11,33 @@ import torch
 
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
-from orchestrator.study import Study
+from orchestrator.preflight import check_weights, record_weights
 from workloads.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _study(tmp_path, config: str, *overrides: str) -> Study:
-    return Study(load_config(ROOT / "configs" / config, [f"study.dir={tmp_path / 'study'}", *overrides]))
+def _cfg(tmp_path, config: str, *overrides: str):
+    return load_config(ROOT / "configs" / config, [f"study.dir={tmp_path / 'study'}", *overrides])
+
+
+def _check_and_record(cfg) -> None:
+    """What a study does with model.weights before anything starts."""
+    path = check_weights(cfg)
+    record_weights(cfg.study_dir, cfg, path)
 
 
 def test_resnet50_config_reads_torchvision_weights_from_the_hub_cache(tmp_path, monkeypatch):
     import torchvision
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    study = _study(tmp_path, "imagenet_resnet50.yaml", f"data.root={tmp_path / 'no-data'}")  # 1000 classes
+    cfg = _cfg(tmp_path, "imagenet_resnet50.yaml", f"data.root={tmp_path / 'no-data'}")  # 1000 classes
     with pytest.raises(UserError, match="resnet50-0676ba61.pth"):
-        study._check_weights()
+        check_weights(cfg)
     path = tmp_path / "th" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
     path.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
-    study._check_weights()
+    _check_and_record(cfg)
     assert (tmp_path / "study" / "weights.json").read_text().count(str(path)) == 1
 
 
@@ -45,13 +51,13 @@ def test_configs_take_a_state_dict_file(tmp_path, config, model, classes, wrap):
     if wrap == "ddp":
         state = {f"module.{k}": v for k, v in state.items()}
     torch.save({"model": state} if wrap == "model" else state, tmp_path / "fp.pth")
-    study = _study(tmp_path, config, f"data.root={tmp_path / 'no-data'}", f"model.weights={tmp_path / 'fp.pth'}")
-    study._check_weights()
+    cfg = _cfg(tmp_path, config, f"data.root={tmp_path / 'no-data'}", f"model.weights={tmp_path / 'fp.pth'}")
+    _check_and_record(cfg)
     assert '"sha1"' in (tmp_path / "study" / "weights.json").read_text()
 
 
 def test_weights_that_do_not_fit_the_data_are_one_clear_error(tmp_path):
     torch.save(build_model("resnet20", 100).state_dict(), tmp_path / "c100.pth")  # a CIFAR-100 head
-    study = _study(tmp_path, "cifar10_resnet20.yaml", f"data.root={tmp_path}", f"model.weights={tmp_path / 'c100.pth'}")
+    cfg = _cfg(tmp_path, "cifar10_resnet20.yaml", f"data.root={tmp_path}", f"model.weights={tmp_path / 'c100.pth'}")
     with pytest.raises(UserError, match=r"does not fit the model: size mismatch for fc.weight"):
-        study._check_weights()
+        check_weights(cfg)

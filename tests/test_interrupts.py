@@ -1,0 +1,148 @@
+"""Ctrl-C and SIGTERM on real `mpqsweep` processes: the first signal stops the command within seconds
+with one line naming the stage and exit 128+signal, no traceback, no Ray process of ours left alive and
+nothing partial recorded; the rerun resumes and completes with no duplicated rows."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.paths import StudyPaths
+from orchestrator.ray_session import ray_processes
+from orchestrator.status import study_status
+from test_mlflow import TINY as MLFLOW_TINY
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(ROOT / "configs" / "default.yaml")
+# The tiny study of the MLflow tests, with enough indicator and finetune epochs to be stopped midway.
+TINY = [*MLFLOW_TINY, "indicators.epochs=3", "finetune.epochs=3"]
+
+
+def _env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["HOME"] = str(tmp / "home")
+    return env
+
+
+def _start(study: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", DEFAULT, f"study.dir={study}", *TINY],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _stage(study: Path) -> str | None:
+    try:
+        st = json.loads((study / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return st.get("stage") if (st.get("progress") or {}).get(st.get("stage")) else None
+
+
+def _interrupt_during(study: Path, env: dict, stage: str, sig: int) -> tuple[int, str, str, float]:
+    proc = _start(study, env)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and _stage(study) != stage:
+            time.sleep(0.2)  # until the stage has reported progress: its workers are running
+        assert proc.poll() is None and _stage(study) == stage, f"never saw {stage} running"
+        proc.send_signal(sig)
+        t0 = time.perf_counter()
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, out, err, time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_then_sigint_then_rerun(tmp_path):
+    study, env = tmp_path / "s", _env(tmp_path)
+    temp = StudyPaths(study).ray_temp_dir()
+
+    code, out, err, took = _interrupt_during(study, env, "indicators", signal.SIGTERM)
+    assert code == 143 and took < 60, err[-3000:]
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("interrupted during indicators ("), err
+    assert "run the same command to resume" in err and "Traceback" not in out + err
+    assert not (study / "indicators" / "indicators.parquet").exists()  # nothing partial recorded as done
+    assert ray_processes(temp) == []
+    assert study_status(study)["state"] == "interrupted"
+
+    code, out, err, took = _interrupt_during(study, env, "finetune", signal.SIGINT)
+    assert code == 130 and took < 60, err[-3000:]
+    assert err.strip().startswith("interrupted during finetune (") and "\n" not in err.strip(), err
+    assert "Traceback" not in out + err and ray_processes(temp) == []
+    assert "[indicators] done already, skipped" not in out  # the killed indicators stage was redone
+    results = study / "results" / "results.parquet"
+    partial = pq.read_table(results).to_pylist() if results.exists() else []
+    assert all(r["status"] == "complete" for r in partial)
+
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", DEFAULT, f"study.dir={study}", *TINY],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[indicators] done already, skipped" in done.stdout
+    rows = pq.read_table(results).to_pylist()
+    keys = [(r["policy_id"], r["stage"], r["lr"]) for r in rows]
+    assert len(keys) == len(set(keys)) and {r["stage"] for r in rows} == {"finetune", "ptq"}
+    assert all(r["epochs"] == 3 for r in rows if r["stage"] == "finetune")
+    assert ray_processes(temp) == []
+
+
+def _table(tmp: Path) -> Path:
+    layers = [{"name": f"conv{i}", "params": 1000 * i, "macs": 10_000 * i,
+               "weight": {str(b): 1.0 / b + i for b in (6, 5, 4, 3, 2)},
+               "act": {str(b): 0.5 / b + i for b in (6, 5, 4, 3, 2)}} for i in range(1, 9)]
+    p = tmp / "ind.json"
+    p.write_text(json.dumps({"bits": [6, 5, 4, 3, 2], "layers": layers, "fixed_layers": {}}))
+    return p
+
+
+def test_search_grid_stops_on_sigint_keeps_its_parts_and_a_second_signal_exits_at_once(tmp_path):
+    from orchestrator.grid import POINTS_DIR
+    from orchestrator.search_table import read_search_table
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "orchestrator.cli", "search", "--indicators", str(_table(tmp_path)),
+            "--bitops", "w2a2..w6a6:4000", "--alpha", "1", "2", "--out", str(out), "--num-cpus", "2",
+            "--batch-size", "64"]
+    temp = StudyPaths(out).ray_temp_dir()
+
+    def run_until_parts(n_parts: int) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and \
+                len(list((out / POINTS_DIR).glob("*.parquet"))) < n_parts:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        return proc
+
+    proc = run_until_parts(3)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 30, err[-3000:]
+    assert err.strip() == "interrupted; run the same command to resume"
+    first = read_search_table(out / POINTS_DIR)
+    assert first and len({r["point_id"] for r in first}) == len(first)
+    assert ray_processes(temp) == []
+
+    proc = run_until_parts(len(list((out / POINTS_DIR).glob("*.parquet"))) + 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 10, err[-3000:]
+    assert "Traceback" not in err
+    time.sleep(1)
+    assert ray_processes(temp) == []
+    second = read_search_table(out / POINTS_DIR)
+    ids = [r["point_id"] for r in second]
+    assert len(ids) == len(set(ids)) and len(ids) > len(first)  # resumed: finished points not solved again
