@@ -23,7 +23,6 @@ from ray.tune import Callback
 from torch import nn
 
 from workloads.data import holdout_split, load_data
-from workloads.errors import InputError
 from workloads.models import build_model, load_weights
 from workloads.quant import LsqQuantizer, Policy, quantize_model
 from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, seed_epoch,
@@ -33,6 +32,7 @@ from .config import Config, config_from_dict
 from .console import CONSOLE
 from .errors import UserError
 from .paths import StudyPaths
+from .train_loops import reporting_input_errors
 
 CKPT = "state.pt"
 
@@ -168,30 +168,20 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
             report(metrics, checkpoint=checkpoint)
 
 
-def _stop_on_input_error(loop: Callable, loop_cfg: dict, report: Callable, get_checkpoint: Callable,
-                         distributed: bool) -> None:
-    """Bad input is deterministic: report it (``input_error``) and end the trial, so that Tune does not
-    retry it ``max_failures`` times; the driver turns it into one UserError."""
-    try:
-        loop(loop_cfg, report, get_checkpoint, distributed)
-    except InputError as e:
-        report({"input_error": str(e)})
-
-
 def finetune_trial(config: dict) -> None:
     """Tune function trainable."""
     import ray.tune as tune
 
     cfg = config_from_dict(config["study"])
     if cfg.resources.num_workers <= 1:
-        _stop_on_input_error(_train_loop, config, tune.report, tune.get_checkpoint, distributed=False)
+        reporting_input_errors(tune.report, _train_loop, config, tune.report, tune.get_checkpoint, distributed=False)
         return
     import ray.train as rt
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     def worker(loop_cfg):
-        _stop_on_input_error(_train_loop, loop_cfg, rt.report, rt.get_checkpoint, distributed=True)
+        reporting_input_errors(rt.report, _train_loop, loop_cfg, rt.report, rt.get_checkpoint, distributed=True)
 
     trial = tune.get_context().get_trial_name()
     trainer = TorchTrainer(

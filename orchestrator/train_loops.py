@@ -225,17 +225,23 @@ def _data(cfg: Config, loop_cfg: dict | None = None):
 
 
 # ----------------------------------------------------------------------------- FP pretraining
+def reporting_input_errors(report, loop, *args, **kwargs) -> None:
+    """Bad input is deterministic: a worker or trial that meets it reports it (``input_error``) and
+    ends cleanly, so Ray Train / Tune do not restart it ``max_failures`` times to meet it again; the
+    driver turns the report into one UserError."""
+    try:
+        loop(*args, **kwargs)
+    except InputError as e:
+        report({"input_error": str(e)})
+
+
 def stop_on_input_error(loop):
-    """Bad input is deterministic: a worker that meets it reports it (``input_error``) and ends the
-    run cleanly, so Ray Train does not restart the workers ``max_failures`` times to meet it again."""
+    """``reporting_input_errors`` for a Ray Train loop."""
     @functools.wraps(loop)
     def wrapper(loop_cfg: dict) -> None:
-        try:
-            loop(loop_cfg)
-        except InputError as e:
-            import ray.train
+        import ray.train
 
-            ray.train.report({"input_error": str(e)}, checkpoint=None)
+        reporting_input_errors(ray.train.report, loop, loop_cfg)
     return wrapper
 
 

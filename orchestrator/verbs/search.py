@@ -72,7 +72,7 @@ def _bit_lists(values: list[str]) -> list[list[int]]:
 
 def run(args) -> int:
     from ..config import SearchCfg
-    from ..grid import build_grid, check_search_cfg, check_search_files, run_grid
+    from ..grid import build_grid, check_search_cfg, run_grid
     from ..indicators import Indicators
     from ..paths import StudyPaths
     from ..preflight import writable_tree
@@ -83,7 +83,6 @@ def run(args) -> int:
                     latency=list(args.latency), latency_table=args.latency_table, bounds=args.bounds,
                     max_points=args.max_points)
     check_search_cfg(cfg)
-    check_search_files(cfg)
     if args.num_cpus is not None and args.num_cpus < 1:
         raise UserError(f"--num-cpus must be >= 1, got {args.num_cpus}")
     if args.show < 0:
