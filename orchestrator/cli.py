@@ -70,6 +70,7 @@ def _error_log(text: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from . import interrupts
     from .console import CONSOLE
+    from .diskspace import DiskFull, as_disk_full
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         CONSOLE.error(f"error: {e}")
         return 2
+    except DiskFull as e:
+        CONSOLE.error(f"error: {e}")
+        return e.exit_code
     except KeyboardInterrupt as e:
         CONSOLE.error(getattr(e, "message", "") or "interrupted; run the same command to resume")
         return 128 + (interrupts.received() or getattr(e, "signum", 2))
     except Exception as e:  # a bug or an unforeseen fault: one line here, the traceback in a file
+        full = as_disk_full(e, CONSOLE.log_dir.parent if CONSOLE.log_dir else None)
+        if full is not None:
+            CONSOLE.error(f"error: {full}")
+            return full.exit_code
         path = _error_log(traceback.format_exc())
         first = (str(e).strip().splitlines() or [""])[0][:300]
         CONSOLE.error(f"error: {type(e).__name__}: {first} (details in {path})")

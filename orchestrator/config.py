@@ -131,6 +131,7 @@ class FinetuneCfg(OptimCfg):
     asha: bool = False
     max_concurrent_trials: Optional[int] = None
     from_indicator_model: bool = False        # start from the jointly trained weights instead of FP
+    keep_checkpoints: int = 1                 # epoch checkpoints kept per trial (the last resumes it)
 
 
 @dataclass
@@ -226,6 +227,8 @@ class Config:
         need(all(lr > 0 for lr in self.finetune.lr_grid), "finetune.lr_grid values must be positive")
         need(self.finetune.max_concurrent_trials is None or self.finetune.max_concurrent_trials >= 1,
              "finetune.max_concurrent_trials must be >= 1")
+        need(self.finetune.keep_checkpoints >= 1, "finetune.keep_checkpoints must be >= 1 (the last epoch's "
+             "checkpoint is what resumes an interrupted trial)")
         return self
 
 

@@ -30,6 +30,8 @@ from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sg
 
 from .config import Config, config_from_dict
 from .console import CONSOLE
+from .diskspace import disk_full
+from .torn_state import check_train_run, set_aside, tune_experiment_problem
 from .errors import UserError
 from .paths import StudyPaths
 from .train_loops import reporting_input_errors
@@ -113,9 +115,15 @@ def _train_loop(loop_cfg: dict, report: Callable, get_checkpoint: Callable, dist
     scheduler = cosine_with_warmup(optimizer, steps, int(ft.warmup_epochs * len(train_loader)))
     start_epoch = 0
     ckpt = get_checkpoint()
+    state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(Path(d) / CKPT, map_location="cpu", weights_only=True)
+            except Exception as e:  # torn by a full disk or a crash: this trial starts over
+                print(f"finetune checkpoint {ckpt.path} is unreadable ({type(e).__name__}); "
+                      "training this trial from its first epoch", flush=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -184,6 +192,7 @@ def finetune_trial(config: dict) -> None:
         reporting_input_errors(rt.report, _train_loop, loop_cfg, rt.report, rt.get_checkpoint, distributed=True)
 
     trial = tune.get_context().get_trial_name()
+    check_train_run(config["storage_path"], f"{trial}-ddp", CKPT, lambda line: print(line, flush=True))
     trainer = TorchTrainer(
         worker,
         train_loop_config=config,
@@ -192,6 +201,7 @@ def finetune_trial(config: dict) -> None:
                                         resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
         run_config=rt.RunConfig(name=f"{trial}-ddp", storage_path=config["storage_path"],
                                 failure_config=rt.FailureConfig(max_failures=cfg.resources.max_failures),
+                                checkpoint_config=rt.CheckpointConfig(num_to_keep=cfg.finetune.keep_checkpoints),
                                 callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
@@ -258,11 +268,21 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
         # Tune warns when trials checkpoint faster than every 5 s; on local disk a snapshot takes ms.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp_path = os.path.join(storage, name) if "://" not in storage else f"{storage.rstrip('/')}/{name}"
+    local = "://" not in storage
+    torn = local and os.path.isdir(exp_path) and tune_experiment_problem(exp_path)
+    if torn:
+        set_aside(exp_path, torn, CONSOLE.echo)  # finished trials are in results.parquet already
+    tuner = None
     if tune.Tuner.can_restore(exp_path):
         # The stored param_space, not this run's: Tune refuses any difference, and a resumed study may
         # differ in keys its trials never read (tracking, resources.num_cpus, study.lock_stale_s ...).
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
-    else:
+        try:
+            tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True)
+        except Exception as e:
+            if not local:
+                raise
+            set_aside(exp_path, f"Tune cannot restore it: {type(e).__name__}", CONSOLE.echo)
+    if tuner is None:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -273,13 +293,15 @@ def run_finetunes(cfg: Config, paths: StudyPaths, policies: list[Policy], init_c
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                       callbacks=[TrialProgress(len(by_id) * len(lrs), ft.epochs)],
                                       failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=ft.keep_checkpoints)),
         )
     results = tuner.fit()
     outcomes = []
     for r in results:
         if r.config is None:  # a trial that never started (the sweep was stopped first)
             continue
+        if r.error is not None and disk_full(r.error) is not None:
+            raise r.error  # the disk filled up under the trial: the same for every other trial
         if (r.metrics or {}).get("input_error"):
             raise UserError(f"finetune: {r.metrics['input_error']}")
         df = r.metrics_dataframe

@@ -31,6 +31,24 @@ def _handler(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+STOP = signal.SIGUSR2   # to this process from itself: a watchdog stops the main thread (Tune takes SIGUSR1)
+
+
+def _stop_handler(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def stop_main() -> None:
+    """From any thread: stop the main thread as an interrupt does, without counting as the user's
+    first Ctrl-C. The caller records why; whoever catches the interrupt asks it."""
+    if signal.getsignal(STOP) is _stop_handler:
+        os.kill(os.getpid(), STOP)  # a real signal also wakes a main thread blocked in a system call
+    else:  # not under the CLI (a library caller): SIGUSR2's default action would kill the process
+        import _thread
+
+        _thread.interrupt_main()
+
+
 def _exit_now(signum: int) -> None:
     from .console import CONSOLE
     from .ray_session import stop_local_ray
@@ -51,6 +69,7 @@ def install() -> None:
     _installed.append(True)
     for sig in SIGNALS:
         signal.signal(sig, _handler)
+    signal.signal(STOP, _stop_handler)
 
 
 _installed: list[bool] = []
@@ -75,3 +94,4 @@ def reset() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(STOP, signal.SIG_DFL)

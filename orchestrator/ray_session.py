@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ import ray
 
 from .atomic import write_json
 from .console import CONSOLE
+from .diskspace import DiskWatch
 from .errors import UserError
 from .paths import StudyPaths
 from .status import process_start_time
@@ -133,20 +135,36 @@ def _init_ray(address: str | None, num_cpus: int | None, paths: StudyPaths | Non
                 n = reap_stale(temp)
                 if n:
                     log.warning("stopped %d process(es) left by an earlier, killed run's Ray in %s", n, temp)
-            ray.init(**kwargs)
+            with _one_start_at_a_time():
+                _bind_state_api(kwargs)
+                ray.init(**kwargs)
             if temp is not None:
                 write_json(temp / OWNER, {"pid": os.getpid(), "start": process_start_time(os.getpid())})
                 _LOCAL.append(temp)
     except (ConnectionError, TimeoutError, RuntimeError) as e:
+        _unbind_state_api()
         raise UserError(f"cannot reach Ray at {address or 'local'}: {str(e).splitlines()[0]}") from None
     return True
 
 
 @contextmanager
-def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | None = None) -> Iterator[None]:
+def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | None = None,
+                storage: str | None = None) -> Iterator[None]:
+    """Ray for the body of the ``with``. With ``paths``, the free space of the study directory, of a
+    local Ray's temp dir and of a local ``storage`` path is watched: a disk that fills up ends the body
+    with ``DiskFull`` instead of leaving Ray to hang on it."""
     started = init_ray(address, num_cpus, paths)
+    watched = []
+    if paths is not None:
+        watched = [paths.root, *_LOCAL, *([storage] if storage and "://" not in storage else [])]
     try:
-        yield
+        with DiskWatch(watched) as watch:
+            try:
+                yield
+            except KeyboardInterrupt:
+                if watch.tripped is not None:
+                    raise watch.error() from None
+                raise
     finally:
         if started:
             CONSOLE.detach_ray()
@@ -155,6 +173,58 @@ def ray_session(address: str | None, num_cpus: int | None, paths: StudyPaths | N
             if paths is not None and not (address or os.environ.get("RAY_ADDRESS")):
                 (paths.ray_temp_dir() / OWNER).unlink(missing_ok=True)
             _LOCAL.clear()
+            _unbind_state_api()
+
+
+_API_ENV = "RAY_API_SERVER_ADDRESS"
+_saved_api: list[str | None] = []
+
+
+@contextmanager
+def _one_start_at_a_time() -> Iterator[None]:
+    """Local Rays on one machine start one after the other, so that the dashboard port one picks is
+    bound before the next looks for a free one (flock is reliable here: the file is on this machine)."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / "mpqsweep-ray-start.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _free_port(preferred: int) -> int:
+    for port in (*range(preferred, preferred + 10), 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise UserError("no free TCP port on 127.0.0.1 for Ray's dashboard; free one or set MPQ_RAY_DASHBOARD=0")
+
+
+def _bind_state_api(kwargs: dict) -> None:
+    """Point our local Ray's processes at its own State API. Ray Train's placement-group cleaner (an actor)
+    finds the API by scanning the machine for GCS processes; with a second local Ray running (another
+    study) it finds two and dies with "Found multiple active Ray instances". The raylet, and so every
+    worker, inherits the driver's environment at ``ray.init``, so the dashboard port is chosen here (8265
+    or the next free port) and named in ``RAY_API_SERVER_ADDRESS`` before Ray starts."""
+    port = _free_port(8265)
+    kwargs["dashboard_port"] = port
+    _saved_api.append(os.environ.get(_API_ENV))
+    os.environ[_API_ENV] = f"http://127.0.0.1:{port}"
+
+
+def _unbind_state_api() -> None:
+    while _saved_api:
+        old = _saved_api.pop()
+        if old is None:
+            os.environ.pop(_API_ENV, None)
+        else:
+            os.environ[_API_ENV] = old
 
 
 def _reap_own(grace_s: float = 5.0) -> None:

@@ -55,7 +55,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from .atomic import write_parquet
+from .console import CONSOLE
 from .errors import UserError
+from .torn_state import set_aside
 
 SCHEMA = pa.schema([
     ("point_id", pa.string()),
@@ -141,19 +143,18 @@ def read_search_table(path: str | os.PathLike) -> list[dict]:
             return pq.read_table(p).to_pylist()
         except (pa.ArrowException, OSError) as e:
             raise UserError(f"{p}: unreadable search table ({type(e).__name__}: {e})") from None
-    files = part_files(p)
-    if not files:
-        return []
-    try:
-        # An explicit schema lets parts written before a column was added read with that column null.
-        dataset = ds.dataset([str(f) for f in files], schema=SCHEMA, format="parquet")
-        by_id: dict[str, dict] = {}
-        for fragment in dataset.get_fragments():  # fragment order = file order = write order
-            for row in fragment.to_table(schema=SCHEMA).to_pylist():
-                by_id.pop(row["point_id"], None)  # re-insert so the dict keeps the latest write's order
-                by_id[row["point_id"]] = row
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{p}: unreadable search table ({type(e).__name__}: {e})") from None
+    by_id: dict[str, dict] = {}
+    for f in part_files(p):  # file order = write order
+        try:
+            # An explicit schema lets parts written before a column was added read with that column null.
+            rows = ds.dataset(str(f), schema=SCHEMA, format="parquet").to_table().to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            # Torn (a full disk, a crash before the rename reached the disk): its points are solved again.
+            set_aside(f, f"{type(e).__name__}", CONSOLE.echo)
+            continue
+        for row in rows:
+            by_id.pop(row["point_id"], None)  # re-insert so the dict keeps the latest write's order
+            by_id[row["point_id"]] = row
     return list(by_id.values())
 
 

@@ -33,6 +33,7 @@ from .interrupts import Interrupted, received
 from .lock import StudyLock
 from .paths import StudyPaths
 from .preflight import check_study_inputs, record_weights, writable_dir, writable_tree
+from .diskspace import as_disk_full, short_of_space
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
 from .status import StatusWriter
@@ -136,6 +137,10 @@ class Study:
             record_weights(self.paths.root, cfg, weights)
         if cfg.tracking.on_unreachable != "continue":  # fail fast with one line, before Ray prints a word
             check_reachable(resolve_uri(cfg.tracking.uri, self.paths))
+        short = short_of_space(cfg, [self.paths.root, self.paths.ray_storage(cfg.resources.storage_path)
+                                     if "://" not in (cfg.resources.storage_path or "") else None])
+        if short:
+            self.echo(short)  # a warning: the estimate is an upper bound, and space may be freed meanwhile
 
     @contextmanager
     def stage(self, name: str, done: bool) -> Iterator[bool]:
@@ -223,7 +228,8 @@ class Study:
         pool.shutdown(wait=False)
         try:
             t_ray = time.perf_counter()
-            with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths):
+            with ray_session(cfg.resources.address, cfg.resources.num_cpus, self.paths,
+                             self.paths.ray_storage(cfg.resources.storage_path)):
                 self.ray_start = time.perf_counter() - t_ray
                 opening.result()
                 require_resources(cfg.resources)
@@ -237,12 +243,20 @@ class Study:
             self.run_report()
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
+            full = None if interrupted else as_disk_full(e, self.paths.root)
             where = self._where() if interrupted else ""
             self.status.finish("interrupted" if interrupted else "failed",
-                               None if interrupted else (str(e).strip().splitlines() or [type(e).__name__])[0])
+                               None if interrupted else (str(full or e).strip().splitlines() or [type(e).__name__])[0])
             wait([opening])  # never mark or leave a run while the opener may still be creating it
-            self.tracker.set_tags(self.parent_run, {"mpq.status": "interrupted" if interrupted else "failed"})
-            self.tracker.finish(self.parent_run, "KILLED" if interrupted else "FAILED")
+            try:
+                self.tracker.set_tags(self.parent_run, {"mpq.status": "interrupted" if interrupted else "failed"})
+                self.tracker.finish(self.parent_run, "KILLED" if interrupted else "FAILED")
+            except Exception:
+                if full is None and not interrupted:
+                    raise
+                # on a full disk (MLflow's sqlite is on it too) or mid-interrupt: the first error counts
+            if full is not None:
+                raise full from None
             if interrupted:
                 # Ray re-raises a plain KeyboardInterrupt from inside ray.get: the handler knows which signal.
                 signum = received() or getattr(e, "signum", signal.SIGINT)
@@ -477,7 +491,8 @@ class Study:
                 return
             by_id = {s["policy_id"]: s for s in todo}
             # A new finetune recipe or policy set is a new Tune experiment; the same one restores.
-            digest = hashlib.sha1(json.dumps([cfg.to_dict()["finetune"], sorted(by_id)]).encode()).hexdigest()[:10]
+            recipe = {k: v for k, v in cfg.to_dict()["finetune"].items() if k != "keep_checkpoints"}
+            digest = hashlib.sha1(json.dumps([recipe, sorted(by_id)]).encode()).hexdigest()[:10]
             init = fp
             if cfg.finetune.from_indicator_model:
                 init = self.paths.indicator_model

@@ -112,6 +112,10 @@ class Tracker:
     def lost(self, err: BaseException) -> None:
         """The store stopped answering mid-study: stop using it. ``continue``: say so once and go on
         with Parquet as the record (the next run backfills); ``fail``: one UserError."""
+        from .diskspace import disk_full
+
+        if disk_full(err) is not None:
+            raise err  # not MLflow's fault: the disk under its store is full (the CLI says so)
         self.enabled = False
         why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         if self.on_unreachable == "continue":

@@ -37,10 +37,12 @@ from workloads.errors import InputError
 from . import interrupts
 from .atomic import atomic_path, write_json
 from .config import Config
+from .console import CONSOLE
 from .errors import UserError
 from .indicators import FixedLayer, Indicators, LayerIndicators
 from .paths import StudyPaths
 from .ray_session import ray_session, require_resources
+from .torn_state import check_train_run
 from .train_loops import CKPT_FILE, indicator_loop, load_state, pretrain_loop
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,9 @@ class IndicatorResult(StageResult):
 
 
 # ----------------------------------------------------------------------------- helpers
+TRAIN_CHECKPOINTS_KEPT = 2   # pretrain and indicator runs: the last epoch's and the one before
+
+
 def data_meta(cfg: Config) -> tuple[int, tuple[int, int, int]]:
     """Number of classes and input shape (C, H, W) without loading the dataset."""
     if cfg.data.name in _DATA_META:
@@ -189,6 +194,7 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
 
     res = cfg.resources
     require_resources(res)
+    check_train_run(paths.ray_storage(res.storage_path), name, CKPT_FILE, CONSOLE.echo)
     loop_config = {**loop_config, "study": cfg.to_dict(),
                    "trace_dir": str(trace_dir) if trace_dir else None,
                    "fault": _fault_hook(paths, name, res.num_workers)}
@@ -203,7 +209,7 @@ def _fit(cfg: Config, paths: StudyPaths, stage: str, loop: Callable[[dict], None
             storage_path=paths.ray_storage(res.storage_path),
             failure_config=rt.FailureConfig(max_failures=res.max_failures),
             # The latest checkpoint is all a resume needs; one more guards against a torn upload.
-            checkpoint_config=rt.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=rt.CheckpointConfig(num_to_keep=TRAIN_CHECKPOINTS_KEPT),
         ),
     )
     # Train's fit() installs a SIGINT handler of its own (abort, then exit 0) and never removes it; ours

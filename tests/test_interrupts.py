@@ -73,20 +73,32 @@ def test_sigterm_then_sigint_then_rerun(tmp_path):
     assert not (study / "indicators" / "indicators.parquet").exists()  # nothing partial recorded as done
     assert ray_processes(temp) == []
     assert study_status(study)["state"] == "interrupted"
+    # A full disk tore Ray Train's checkpoint list mid-write: the rerun sets the run aside and redoes it.
+    (run_dir,) = (study / "ray").glob("default-indicators-*")
+    (run_dir / "checkpoint_manager_snapshot.json").write_text('{"ray_version": "2.60.0", "checkpoint_res')
 
     code, out, err, took = _interrupt_during(study, env, "finetune", signal.SIGINT)
     assert code == 130 and took < 60, err[-3000:]
     assert err.strip().startswith("interrupted during finetune (") and "\n" not in err.strip(), err
     assert "Traceback" not in out + err and ray_processes(temp) == []
     assert "[indicators] done already, skipped" not in out  # the killed indicators stage was redone
+    assert f"[resume] {run_dir} is unreadable (its checkpoint list checkpoint_manager_snapshot.json is torn" in out
+    assert not run_dir.joinpath("checkpoint_manager_snapshot.json").exists() or \
+        json.loads(run_dir.joinpath("checkpoint_manager_snapshot.json").read_text())
     results = study / "results" / "results.parquet"
     partial = pq.read_table(results).to_pylist() if results.exists() else []
     assert all(r["status"] == "complete" for r in partial)
 
+    # ... and Tune's experiment state, torn the same way: the sweep is set aside and run again.
+    (exp_dir,) = [d for d in (study / "ray").glob("finetune-*") if ".unreadable-" not in d.name]
+    state = max(exp_dir.glob("experiment_state-*.json"))
+    state.write_text(state.read_text()[:100])
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", DEFAULT, f"study.dir={study}", *TINY],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[indicators] done already, skipped" in done.stdout
+    assert f"[resume] {exp_dir} is unreadable ({state.name} is torn (JSONDecodeError))" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
     rows = pq.read_table(results).to_pylist()
     keys = [(r["policy_id"], r["stage"], r["lr"]) for r in rows]
     assert len(keys) == len(set(keys)) and {r["stage"] for r in rows} == {"finetune", "ptq"}
@@ -133,12 +145,17 @@ def test_search_grid_stops_on_sigint_keeps_its_parts_and_a_second_signal_exits_a
     assert first and len({r["point_id"] for r in first}) == len(first)
     assert ray_processes(temp) == []
 
+    # A part torn by a full disk (or a crash before the rename reached the disk) is set aside, re-solved.
+    torn = sorted((out / POINTS_DIR).glob("*.parquet"))[0]
+    torn.write_bytes(torn.read_bytes()[:200])
     proc = run_until_parts(len(list((out / POINTS_DIR).glob("*.parquet"))) + 2)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     t0 = time.perf_counter()
-    _, err = proc.communicate(timeout=60)
+    out_text, err = proc.communicate(timeout=60)
+    assert f"[resume] {torn} is unreadable" in out_text, out_text[-2000:]
+    assert not torn.exists() and list(torn.parent.glob(torn.name + ".unreadable-*"))
     assert proc.returncode == 130 and time.perf_counter() - t0 < 10, err[-3000:]
     assert "Traceback" not in err
     time.sleep(1)
