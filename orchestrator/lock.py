@@ -14,7 +14,7 @@ from typing import Callable
 
 from .atomic import write_json
 from .errors import UserError
-from .status import process_start_time
+from .status import process_alive, process_start_time
 
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 10.0
@@ -33,10 +33,9 @@ def owner_alive(owner: dict, stale_after: float) -> bool:
     """The lock's owner still runs: on this host, by pid and start time; elsewhere, by a fresh heartbeat."""
     if not owner:
         return False
-    if owner.get("host") == socket.gethostname():
-        start = process_start_time(int(owner.get("pid", -1)))
-        if start is not None or Path("/proc").is_dir():
-            return start is not None and start == owner.get("pid_start")
+    here = process_alive(owner)
+    if here is not None:
+        return here
     return time.time() - float(owner.get("heartbeat", 0)) < stale_after
 
 

@@ -112,3 +112,19 @@ def record_weights(root: Path, cfg, weights: Path) -> None:
 
     write_json(Path(root) / "weights.json", {"weights": cfg.model.weights, "path": str(weights),
                                              "sha1": _file_digest(weights)})
+
+
+def claim_study(cfg, root: Path, command: str, wait: bool, echo):
+    """How every command that writes a study starts: its inputs checked, the study directory (and a local
+    ``resources.storage_path``) writable, then the study's lock taken (``wait``: wait for its owner).
+    Returns the held lock and the weights file (None when the study pretrains)."""
+    from .lock import StudyLock
+
+    weights = check_study_inputs(cfg)
+    storage = cfg.resources.storage_path
+    if storage and "://" not in storage:  # Ray Train/Tune checkpoints outside the study directory
+        writable_dir(storage, "resources.storage_path")
+    writable_tree(root, "study directory")
+    lock = StudyLock(root, command, cfg.study.lock_stale_s, echo=echo)
+    lock.acquire(wait=wait)
+    return lock, weights

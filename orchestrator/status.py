@@ -72,18 +72,25 @@ class StatusWriter:
 
 
 # ------------------------------------------------------------------------------ reading
-def _alive(st: dict) -> bool:
-    """The process that wrote ``st`` is still running (same host, same pid and start time)."""
-    if st.get("host") != socket.gethostname() or "pid" not in st:
-        return False
-    start = process_start_time(int(st["pid"]))
-    if start is None:
+def process_alive(record: dict) -> bool | None:
+    """Whether the process a record names (``host``, ``pid``, ``pid_start``) still runs: by pid and start
+    time (a reused pid is another process); None when this host cannot tell (the record is another
+    host's)."""
+    if record.get("host") != socket.gethostname() or "pid" not in record:
+        return None
+    pid = int(record["pid"])
+    start = process_start_time(pid)
+    if start is None and not Path("/proc").is_dir():
         try:
-            os.kill(int(st["pid"]), 0)  # no /proc: the pid alone
+            os.kill(pid, 0)  # no /proc: the pid alone
         except OSError:
             return False
         return True
-    return start == st.get("pid_start")
+    return start is not None and start == record.get("pid_start")
+
+
+def _alive(st: dict) -> bool:
+    return process_alive(st) is True
 
 
 def _count_rows(files) -> int:

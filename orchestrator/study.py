@@ -32,7 +32,7 @@ from .console import CONSOLE
 from .interrupts import Interrupted, received
 from .lock import StudyLock
 from .paths import StudyPaths
-from .preflight import check_study_inputs, record_weights, writable_dir, writable_tree
+from .preflight import claim_study, record_weights
 from .diskspace import as_disk_full, short_of_space
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
@@ -110,14 +110,7 @@ class Study:
         run (``wait``: wait for it) and fits the config. Holds the study's lock until ``release``."""
         if self._checked:
             return
-        cfg = self.cfg
-        weights = check_study_inputs(cfg)
-        storage = cfg.resources.storage_path
-        if storage and "://" not in storage:  # Ray Train/Tune checkpoints outside the study directory
-            writable_dir(storage, "resources.storage_path")
-        writable_tree(self.paths.root, "study directory")
-        self.lock = StudyLock(self.paths.root, command, cfg.study.lock_stale_s, echo=self.echo)
-        self.lock.acquire(wait=wait)
+        self.lock, weights = claim_study(self.cfg, self.paths.root, command, wait, self.echo)
         try:
             self._checks_under_lock(weights)
         except BaseException:

@@ -23,8 +23,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.yaml")
-# The tiny study of the MLflow tests, with enough indicator and finetune epochs to be stopped midway.
-TINY = [*MLFLOW_TINY, "indicators.epochs=3", "finetune.epochs=3"]
+# The tiny study of the MLflow tests, with enough indicator and finetune epochs and grid points to be
+# stopped midway (still one LIMPQ policy selected).
+TINY = [*MLFLOW_TINY, "indicators.epochs=3", "finetune.epochs=3", "search.bitops=[w2a2..w6a6:400]",
+        "search.batch_size=16"]
 
 
 def _env(tmp: Path) -> dict:
@@ -62,29 +64,37 @@ def _interrupt_during(study: Path, env: dict, stage: str, sig: int) -> tuple[int
             proc.kill()
 
 
-def test_sigterm_then_sigint_then_rerun(tmp_path):
+def _stopped_cleanly(study: Path, stage: str, code: int, out: str, err: str, took: float, expect: int = 130) -> None:
+    assert code == expect and took < 60, err[-3000:]
+    assert err.strip().splitlines() == [err.strip()] and err.startswith(f"interrupted during {stage} ("), err
+    assert "run the same command to resume" in err and "Traceback" not in out + err
+    assert ray_processes(StudyPaths(study).ray_temp_dir()) == []
+    assert study_status(study)["state"] == "interrupted"
+
+
+def test_interrupted_at_every_stage_then_rerun(tmp_path):
     study, env = tmp_path / "s", _env(tmp_path)
     temp = StudyPaths(study).ray_temp_dir()
 
-    code, out, err, took = _interrupt_during(study, env, "indicators", signal.SIGTERM)
-    assert code == 143 and took < 60, err[-3000:]
-    assert err.strip().splitlines() == [err.strip()] and err.startswith("interrupted during indicators ("), err
-    assert "run the same command to resume" in err and "Traceback" not in out + err
+    _stopped_cleanly(study, "pretrain", *_interrupt_during(study, env, "pretrain", signal.SIGINT))
+    assert not (study / "pretrain" / "model.pt").exists()
+
+    _stopped_cleanly(study, "indicators", *_interrupt_during(study, env, "indicators", signal.SIGTERM), expect=143)
     assert not (study / "indicators" / "indicators.parquet").exists()  # nothing partial recorded as done
-    assert ray_processes(temp) == []
-    assert study_status(study)["state"] == "interrupted"
     # A full disk tore Ray Train's checkpoint list mid-write: the rerun sets the run aside and redoes it.
     (run_dir,) = (study / "ray").glob("default-indicators-*")
     (run_dir / "checkpoint_manager_snapshot.json").write_text('{"ray_version": "2.60.0", "checkpoint_res')
 
-    code, out, err, took = _interrupt_during(study, env, "finetune", signal.SIGINT)
-    assert code == 130 and took < 60, err[-3000:]
-    assert err.strip().startswith("interrupted during finetune (") and "\n" not in err.strip(), err
-    assert "Traceback" not in out + err and ray_processes(temp) == []
+    code, out, err, took = _interrupt_during(study, env, "search", signal.SIGINT)
+    _stopped_cleanly(study, "search", code, out, err, took)
+    assert not (study / "search" / "search.parquet").exists()  # the grid's parts stay for the rerun
     assert "[indicators] done already, skipped" not in out  # the killed indicators stage was redone
     assert f"[resume] {run_dir} is unreadable (its checkpoint list checkpoint_manager_snapshot.json is torn" in out
-    assert not run_dir.joinpath("checkpoint_manager_snapshot.json").exists() or \
-        json.loads(run_dir.joinpath("checkpoint_manager_snapshot.json").read_text())
+    assert json.loads(run_dir.joinpath("checkpoint_manager_snapshot.json").read_text())
+
+    code, out, err, took = _interrupt_during(study, env, "finetune", signal.SIGINT)
+    _stopped_cleanly(study, "finetune", code, out, err, took)
+    assert "[indicators] done already, skipped" in out
     results = study / "results" / "results.parquet"
     partial = pq.read_table(results).to_pylist() if results.exists() else []
     assert all(r["status"] == "complete" for r in partial)
@@ -93,16 +103,21 @@ def test_sigterm_then_sigint_then_rerun(tmp_path):
     (exp_dir,) = [d for d in (study / "ray").glob("finetune-*") if ".unreadable-" not in d.name]
     state = max(exp_dir.glob("experiment_state-*.json"))
     state.write_text(state.read_text()[:100])
+    code, out, err, took = _interrupt_during(study, env, "ptq", signal.SIGINT)
+    _stopped_cleanly(study, "ptq", code, out, err, took)
+    assert f"[resume] {exp_dir} is unreadable ({state.name} is torn (JSONDecodeError))" in out
+
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", DEFAULT, f"study.dir={study}", *TINY],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[indicators] done already, skipped" in done.stdout
-    assert f"[resume] {exp_dir} is unreadable ({state.name} is torn (JSONDecodeError))" in done.stdout
-    assert "Traceback" not in done.stdout + done.stderr
+    assert "[finetune] done already, skipped" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr and "[resume]" not in done.stdout
     rows = pq.read_table(results).to_pylist()
     keys = [(r["policy_id"], r["stage"], r["lr"]) for r in rows]
     assert len(keys) == len(set(keys)) and {r["stage"] for r in rows} == {"finetune", "ptq"}
     assert all(r["epochs"] == 3 for r in rows if r["stage"] == "finetune")
+    ids = pq.read_table(study / "search" / "search.parquet").column("point_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 400 * 1 + 2  # LIMPQ's grid once, plus MixQuant's QEM and the uniform
     assert ray_processes(temp) == []
 
 

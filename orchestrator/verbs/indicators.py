@@ -17,16 +17,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..config import load_config
     from ..console import CONSOLE
-    from ..lock import StudyLock
     from ..paths import StudyPaths
-    from ..preflight import check_study_inputs, writable_tree
+    from ..preflight import claim_study
 
     cfg = load_config(args.config, args.overrides)  # validated before any work starts
     paths = StudyPaths(cfg.study_dir)
-    check_study_inputs(cfg)
-    writable_tree(paths.root, "study directory")
-    lock = StudyLock(paths.root, "mpqsweep indicators", cfg.study.lock_stale_s, echo=CONSOLE.echo)
-    lock.acquire(wait=args.wait)
+    lock, _ = claim_study(cfg, paths.root, "mpqsweep indicators", args.wait, CONSOLE.echo)
     try:
         CONSOLE.start(paths.root / "logs", verbose=args.verbose)
         return _indicators(cfg, paths)
