@@ -45,8 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workloads.models import build_model  # noqa: E402
-from workloads.quant import lsq  # noqa: E402
-from workloads.quant import Policy, draw_random_policies, quantize_model, searchable_names  # noqa: E402
+from workloads.quant import (  # noqa: E402
+    Policy,
+    draw_random_policies,
+    lsq,  # noqa: E402
+    quantize_model,
+    searchable_names,
+)
 from workloads.train import broadcast_parameters, joint_step, quant_sgd, sgd, single_step  # noqa: E402
 
 BITS = [6, 5, 4, 3, 2]

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -37,14 +37,14 @@ class ModelCfg:
     # FP weights: a torchvision weights name ("ResNet50_Weights.IMAGENET1K_V1", read from the local torch
     # hub cache, never downloaded) or a state-dict file. None -> a pretrain stage (refused for
     # cifar10/imagenet unless the config sets pretrain.epochs).
-    weights: Optional[str] = None
-    fixed_layers: Optional[list[str]] = None   # none -> first conv + last linear
+    weights: str | None = None
+    fixed_layers: list[str] | None = None   # none -> first conv + last linear
 
 
 @dataclass
 class DataCfg:
     name: str = "mnist5k"                     # mnist5k | digits | cifar10 | imagenet
-    root: Optional[str] = None                # local directory for cifar10 / imagenet
+    root: str | None = None                # local directory for cifar10 / imagenet
     val_fraction: float = 0.2                 # bundled datasets only: their evaluation split
     holdout_fraction: float = 0.1             # of the train split, held out to pick finetune LRs / early-stop
     image_size: int = 224                     # imagenet only
@@ -56,13 +56,13 @@ class DataCfg:
 
 @dataclass
 class ResourcesCfg:
-    address: Optional[str] = None             # Ray address; none -> start a local Ray
-    num_cpus: Optional[int] = None            # local Ray only; none -> all cores
+    address: str | None = None             # Ray address; none -> start a local Ray
+    num_cpus: int | None = None            # local Ray only; none -> all cores
     num_workers: int = 1                      # Ray Train workers (DDP ranks) per training run
     cpus_per_worker: int = 1
     use_gpu: bool = False
     amp: bool = False                         # bf16 autocast on GPU
-    storage_path: Optional[str] = None        # Ray Train/Tune storage; none -> <study dir>/ray; may be s3://
+    storage_path: str | None = None        # Ray Train/Tune storage; none -> <study dir>/ray; may be s3://
     max_failures: int = 2                     # worker losses a training run survives
 
 
@@ -75,15 +75,15 @@ class OptimCfg:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     # LR multiplier for the LSQ step sizes (they get no weight decay; quantized stages only, not pretrain).
-    # LIMPQ trains them at the weights' LR (1.0); a small, briefly pretrained model's 6..8-bit weight steps (~1e-3) are pushed below zero by
-    # that and clamp dead, so the embedded default uses 0.1.
+    # LIMPQ trains them at the weights' LR (1.0); a small, briefly pretrained model's 6..8-bit weight steps (~1e-3)
+    # are pushed below zero by that and clamp dead, so the embedded default uses 0.1.
     step_lr_scale: float = 1.0
 
 
 @dataclass
 class IndicatorsCfg(OptimCfg):
     bits: list[int] = field(default_factory=lambda: [6, 5, 4, 3, 2])
-    import_path: Optional[str] = None         # published indicators (.json/.parquet) -> no training
+    import_path: str | None = None         # published indicators (.json/.parquet) -> no training
     macs_column: str = "macs"                 # for JSON imports carrying another MACs column
 
 
@@ -93,10 +93,10 @@ class SearchCfg:
     bitops: list[str] = field(default_factory=list)              # "w4a4", "5.6e10", "w2a2..w6a6:9"
     compression_ratio: list[str] = field(default_factory=list)   # "12.2", "4..16:7"
     bits: list[list[int]] = field(default_factory=list)          # candidate lists; none -> indicator bits
-    batch_size: Optional[int] = None                             # points per Ray task; none -> auto
+    batch_size: int | None = None                             # points per Ray task; none -> auto
     latency: list[str] = field(default_factory=list)             # "1.5", "1..3:5", "none"; needs latency_table
-    latency_table: Optional[str] = None                          # CSV layer,w_bits,a_bits,cost
-    bounds: Optional[str] = None                                 # JSON {layer: {w_min, w_max, a_min, a_max}}
+    latency_table: str | None = None                          # CSV layer,w_bits,a_bits,cost
+    bounds: str | None = None                                 # JSON {layer: {w_min, w_max, a_min, a_max}}
     max_points: int = 1_000_000                                  # refuse larger grids (they would not fit memory)
 
 
@@ -117,7 +117,7 @@ class BaselinesCfg:
 @dataclass
 class SelectCfg:
     max_policies: int = 4                     # LIMPQ policies to finetune (see orchestrator/select.py)
-    alpha: Optional[float] = None             # which alpha's LIMPQ policies; none -> the first of search.alpha
+    alpha: float | None = None             # which alpha's LIMPQ policies; none -> the first of search.alpha
     include_uniform: bool = True              # finetune the uniform baselines too (same recipe)
     include_random: bool = False
 
@@ -129,14 +129,14 @@ class FinetuneCfg(OptimCfg):
     lr_grid: list[float] = field(default_factory=list)   # optional extra LRs, one trial per (policy, lr)
     bn_recalib_batches: int = 20
     asha: bool = False
-    max_concurrent_trials: Optional[int] = None
+    max_concurrent_trials: int | None = None
     from_indicator_model: bool = False        # start from the jointly trained weights instead of FP
     keep_checkpoints: int = 1                 # epoch checkpoints kept per trial (the last resumes it)
 
 
 @dataclass
 class TrackingCfg:
-    uri: Optional[str] = None                 # none -> $MLFLOW_TRACKING_URI or sqlite in the study dir
+    uri: str | None = None                 # none -> $MLFLOW_TRACKING_URI or sqlite in the study dir
     experiment: str = "mpq-sweep"
     on_unreachable: Literal["fail", "continue"] = "fail"
 
@@ -164,7 +164,7 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise UserError(f"config: {msg}")
@@ -172,7 +172,8 @@ class Config:
         from workloads.models import REGISTRY
 
         need(self.study.lock_stale_s > 3 * 10.0, "study.lock_stale_s must be > 30 (three lock heartbeats)")
-        need(self.model.name in REGISTRY, f"model.name {self.model.name!r} is unknown; known: {', '.join(sorted(REGISTRY))}")
+        need(self.model.name in REGISTRY,
+             f"model.name {self.model.name!r} is unknown; known: {', '.join(sorted(REGISTRY))}")
         need(self.data.name in ("mnist5k", "digits", "cifar10", "imagenet"),
              f"data.name {self.data.name!r} is unknown; known: mnist5k, digits, cifar10, imagenet")
         need(self.data.name not in ("cifar10", "imagenet") or bool(self.data.root),
@@ -204,7 +205,8 @@ class Config:
             check_bits(bl, f"search.bits[{i}]")
             need(set(bl) <= set(self.indicators.bits),
                  f"search.bits[{i}] {bl} uses bits that have no indicators (indicators.bits {self.indicators.bits})")
-        need(all(a >= 0 for a in self.search.alpha) and self.search.alpha, "search.alpha must be a non-empty list of values >= 0")
+        need(all(a >= 0 for a in self.search.alpha) and self.search.alpha,
+             "search.alpha must be a non-empty list of values >= 0")
         need(bool(self.search.bitops or self.search.compression_ratio or self.search.latency),
              "search needs at least one budget: search.bitops, search.compression_ratio and/or search.latency")
         need(self.search.batch_size is None or self.search.batch_size >= 1, "search.batch_size must be >= 1")
@@ -216,7 +218,8 @@ class Config:
         need(all(q > 0 for q in self.mixquant.qem), "mixquant.qem values must be positive")
         need(self.mixquant.act_bits in VALID_BITS, "mixquant.act_bits must be in 2..8")
         for wa in self.baselines.uniform:
-            need(len(wa) == 2 and all(b in VALID_BITS for b in wa), f"baselines.uniform entry {wa} must be [w_bits, a_bits] in 2..8")
+            need(len(wa) == 2 and all(b in VALID_BITS for b in wa),
+                 f"baselines.uniform entry {wa} must be [w_bits, a_bits] in 2..8")
             need(set(wa) <= set(self.indicators.bits) | {8},
                  f"baselines.uniform entry {wa} uses bits outside indicators.bits {self.indicators.bits}")
         need(self.baselines.random_per_budget >= 0, "baselines.random_per_budget must be >= 0")

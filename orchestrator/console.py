@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TAG = "mpq-progress "
 # Source loggers -> their file in logs/ (several loggers may share one file).
@@ -52,7 +52,7 @@ class Bar:
     """A live bar (tqdm) on a terminal; elsewhere (CI, ``ray job submit``) a plain line per quarter of
     the total, or every ``PLAIN_EVERY_S`` seconds, and one at the end."""
 
-    def __init__(self, console: "Console", key: str, desc: str, total: int, unit: str):
+    def __init__(self, console: Console, key: str, desc: str, total: int, unit: str):
         self.console, self.key, self.desc, self.total, self.unit = console, key, desc, max(0, int(total)), unit
         self.n, self.postfix, self.closed = 0, "", False
         self._quarter, self._last_line = 0, time.monotonic()
@@ -264,7 +264,7 @@ class Console:
         os.dup2(log_fd, err_fd)
         os.close(log_fd)
         self._saved = [(out_fd, saved_out), (err_fd, saved_err)]
-        for lg, h in self._handlers:  # handlers made before the swap hold the old stream objects
+        for _lg, h in self._handlers:  # handlers made before the swap hold the old stream objects
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setStream(self.err)
 

@@ -105,7 +105,7 @@ class DiskWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="disk-watch", daemon=True)
 
-    def __enter__(self) -> "DiskWatch":
+    def __enter__(self) -> DiskWatch:
         self._thread.start()
         return self
 

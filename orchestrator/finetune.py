@@ -14,9 +14,9 @@ import functools
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from ray.tune import Callback
@@ -25,15 +25,22 @@ from torch import nn
 from workloads.data import holdout_split, load_data
 from workloads.models import build_model, load_weights
 from workloads.quant import LsqQuantizer, Policy, quantize_model
-from workloads.train import (cosine_with_warmup, evaluate, make_loader, quant_sgd, recalibrate_bn, seed_epoch,
-                             train_epoch)
+from workloads.train import (
+    cosine_with_warmup,
+    evaluate,
+    make_loader,
+    quant_sgd,
+    recalibrate_bn,
+    seed_epoch,
+    train_epoch,
+)
 
 from .config import Config, config_from_dict
 from .console import CONSOLE
 from .diskspace import disk_full
-from .torn_state import check_train_run, set_aside, tune_experiment_problem
 from .errors import UserError
 from .paths import StudyPaths
+from .torn_state import check_train_run, set_aside, tune_experiment_problem
 from .train_loops import reporting_input_errors
 
 CKPT = "state.pt"

@@ -45,9 +45,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from .config import SearchCfg
 from .console import CONSOLE
@@ -222,7 +222,8 @@ class GridPoint:
 
     def looseness(self) -> tuple:
         # Loosest first: unconstrained (None) counts as +inf, larger budgets before smaller ones.
-        return tuple(-(math.inf if v is None else v) for v in (self.bitops_budget, self.size_budget, self.latency_budget))
+        return tuple(-(math.inf if v is None else v)
+                     for v in (self.bitops_budget, self.size_budget, self.latency_budget))
 
     def base_row(self) -> dict:
         row = dict.fromkeys(SCHEMA.names)

@@ -78,10 +78,10 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pulp
@@ -113,7 +113,7 @@ class LayerBounds:
                 and (self.a_min is None or ba >= self.a_min) and (self.a_max is None or ba <= self.a_max))
 
     @classmethod
-    def from_dict(cls, d: Mapping, where: str) -> "LayerBounds":
+    def from_dict(cls, d: Mapping, where: str) -> LayerBounds:
         unknown = set(d) - {"w_min", "w_max", "a_min", "a_max"}
         if unknown:
             raise UserError(f"{where}: unknown bound key(s) {sorted(unknown)} (use w_min, w_max, a_min, a_max)")
@@ -136,7 +136,7 @@ class LatencyTable:
     source: str = ""
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LatencyTable":
+    def load(cls, path: str | os.PathLike) -> LatencyTable:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"latency table {path} does not exist")
@@ -203,7 +203,7 @@ class Budgets:
     def active(self) -> tuple[bool, bool, bool]:
         return (self.bitops is not None, self.size_bits is not None, self.latency is not None)
 
-    def within(self, other: "Budgets") -> bool:
+    def within(self, other: Budgets) -> bool:
         """True when every policy meeting self also meets other (self's feasible set ⊆ other's)."""
         for mine, theirs in ((self.bitops, other.bitops), (self.size_bits, other.size_bits),
                              (self.latency, other.latency)):
@@ -410,7 +410,7 @@ class LimpqIlp:
                 and (b.size_bits is None or r.size_bits <= b.size_bits)
                 and (b.latency is None or r.latency <= b.latency))
 
-    def _space(self, active: tuple[bool, bool, bool]) -> "_Space":
+    def _space(self, active: tuple[bool, bool, bool]) -> _Space:
         if active not in self._spaces:
             self._spaces[active] = _Space(self, active)
         return self._spaces[active]
@@ -437,7 +437,7 @@ class LimpqIlp:
             return self._solve_cbc(model, b, incumbent)
         return _ExactSearch(self, self._space(b.active()), b, incumbent).run()
 
-    def _solve_cbc(self, model: "_CbcModel", b: Budgets, start: IlpResult | None) -> IlpResult:
+    def _solve_cbc(self, model: _CbcModel, b: Budgets, start: IlpResult | None) -> IlpResult:
         self.stats["cbc"] += 1
         try:
             status, chosen = model.solve(b, start if self.warm else None)
@@ -722,7 +722,7 @@ class _ExactSearch:
         s_obj = np.array([base_obj])
         s_int = [np.array([base], np.int64) for _, base, _, _ in int_rows]
         s_lat = np.array([lat[0]]) if lat else None
-        for (r, base, suffix, rhs), s in zip(int_rows, s_int):
+        for (_r, base, suffix, rhs), _s in zip(int_rows, s_int):
             if base + suffix[0] > rhs:
                 return None
         if lat and lat[0] + lat[1][0] > lat[2]:

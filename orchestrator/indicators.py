@@ -101,7 +101,7 @@ class Indicators:
         write_parquet(path, self.to_table())
 
     @classmethod
-    def from_table(cls, table: pa.Table, where: str = "table") -> "Indicators":
+    def from_table(cls, table: pa.Table, where: str = "table") -> Indicators:
         missing = [c for c in SCHEMA.names if c not in table.column_names]
         if missing:
             raise UserError(f"{where}: indicator table lacks column(s) {missing}")
@@ -142,7 +142,7 @@ class Indicators:
         }
 
     @classmethod
-    def from_json_dict(cls, d: dict, macs_column: str = "macs", where: str = "json") -> "Indicators":
+    def from_json_dict(cls, d: dict, macs_column: str = "macs", where: str = "json") -> Indicators:
         if macs_column != "macs" and isinstance(d, dict):
             entries = [l for l in d.get("layers") or [] if isinstance(l, dict)] + \
                 [{"name": k, **f} for k, f in (d.get("fixed_layers") or {}).items() if isinstance(f, dict)]
@@ -175,7 +175,7 @@ class Indicators:
 
     # ------------------------------------------------------------ either one
     @classmethod
-    def load(cls, path: str | Path, macs_column: str = "macs") -> "Indicators":
+    def load(cls, path: str | Path, macs_column: str = "macs") -> Indicators:
         """Read a .parquet or .json indicator file; any problem is a UserError naming the file."""
         path = Path(path)
         if not path.is_file():

@@ -9,8 +9,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .atomic import write_json
 from .errors import UserError
@@ -74,7 +74,8 @@ class StudyLock:
                 return self._try()  # released meanwhile
             if owner_alive(owner, self.stale_after):
                 return owner
-            self.echo(f"[lock] taking over the lock of a run that is gone ({describe(owner) if owner else 'unreadable lock'})")
+            self.echo("[lock] taking over the lock of a run that is gone "
+                      f"({describe(owner) if owner else 'unreadable lock'})")
             write_json(self.path, self.me)
         else:
             with os.fdopen(fd, "w") as fh:

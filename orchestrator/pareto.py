@@ -19,9 +19,9 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from .atomic import atomic_path
 from .results import chosen_results
@@ -61,7 +61,7 @@ def pareto_front(rows: Iterable[Mapping], x: str, y: str, *, maximize_y: bool) -
     # every row before it (all of which have x' <= x).
     pts.sort(key=lambda t: (t[0], sign * t[1], _tie_key(t[2])))
     front, best = [], math.inf
-    for px, py, r in pts:
+    for _px, py, r in pts:
         if sign * py < best:
             front.append(dict(r))
             best = sign * py
@@ -140,10 +140,10 @@ def frontier_table(search_rows: Sequence[Mapping], results_rows: Sequence[Mappin
     points = accuracy_points(search_rows, results_rows)
     out: list[dict] = []
     if points:
-        for searcher, rows in points.items():
+        for rows in points.values():
             out += pareto_front(rows, "bitops", "top1", maximize_y=True)
         return out
-    for alpha, rows in _limpq_by_alpha(search_rows).items():
+    for rows in _limpq_by_alpha(search_rows).values():
         for r in pareto_front(rows, "bitops", "objective", maximize_y=False):
             r.update(stage=None, top1=None, top5=None, loss=None)
             out.append(r)
@@ -354,7 +354,8 @@ def _svg(c: _Chart, series_ids: dict[str, int]) -> str:
                 continue
             on = id(r) in front_ids
             out.append(f'<circle cx="{sx(px):.1f}" cy="{sy(ty(py * c.y_scale)):.1f}" r="{4 if on else 2.5}" '
-                       f'fill="{s.color}" fill-opacity="{1 if on else 0.3}"><title>{e(_tooltip(r, c))}</title></circle>')
+                       f'fill="{s.color}" fill-opacity="{1 if on else 0.3}">'
+                       f'<title>{e(_tooltip(r, c))}</title></circle>')
         out.append("</g>")
     ly = _MT + 8
     for s in c.series:

@@ -14,9 +14,9 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import ray
 

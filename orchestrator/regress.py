@@ -5,9 +5,10 @@ What is compared (each a check that passes, fails, or is skipped when neither si
 
 - **frontier accuracy at matched budgets** — per (stage, searcher) and per cost axis (BitOps, size), the
   accuracy frontier is the step function "best top-1 of any evaluated policy costing at most B" (per
-  policy the learning rate chosen on the held-out split, full-budget trials only: ``chosen_results``). It is evaluated at the baseline's frontier costs, where a drop is
-  largest; the candidate may spend ``budget_rtol`` more. A drop above ``top1_drop`` (top-1 is a fraction:
-  0.005 = half a point) or no candidate policy within a budget fails.
+  policy the learning rate chosen on the held-out split, full-budget trials only: ``chosen_results``).
+  It is evaluated at the baseline's frontier costs, where a drop is largest; the candidate may spend
+  ``budget_rtol`` more. A drop above ``top1_drop`` (top-1 is a fraction: 0.005 = half a point) or no
+  candidate policy within a budget fails.
 - **search points** — rows matched by ``point_id``: a point the baseline had that the candidate lacks,
   or that was solved in the baseline and is not in the candidate (infeasible, failed), fails.
 - **search objective** — matched points solved on both sides whose objective differs by more than
@@ -30,9 +31,10 @@ import html
 import json
 import math
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
@@ -58,7 +60,7 @@ class Tolerances:
     allow_missing_points: bool = False    # baseline search points the candidate lacks
 
     @classmethod
-    def load(cls, path: str | None, overrides: dict[str, Any]) -> "Tolerances":
+    def load(cls, path: str | None, overrides: dict[str, Any]) -> Tolerances:
         data: dict[str, Any] = {}
         if path:
             p = Path(path)
@@ -390,7 +392,8 @@ def compare_search(cmp: Comparison) -> None:
         if status_changed or obj_flag or pol_flag:
             cmp.points.append({
                 "point": str(br.get("point_id") or k)[:16], "searcher": br.get("searcher"),
-                "bitops_budget": br.get("bitops_budget"), "compression_ratio_budget": br.get("compression_ratio_budget"),
+                "bitops_budget": br.get("bitops_budget"),
+                "compression_ratio_budget": br.get("compression_ratio_budget"),
                 "alpha": br.get("alpha"), "qem": br.get("qem"),
                 "status": f"{br.get('status')} -> {cr.get('status')}" if status_changed else br.get("status"),
                 "objective": (br.get("objective"), cr.get("objective")), "objective_rel": rel,

@@ -103,7 +103,8 @@ def build_report(study_dir: str | Path) -> Path:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in front)
     imgs = "".join(f'<figure><img src="{p.name}" style="max-width:48%"></figure>' for p in plots)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mpq-sweep: {html.escape(paths.root.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+td,th{{border:1px solid #ccc;padding:2px 6px;font-size:13px}}</style>
 </head><body><h1>mpq-sweep report: {html.escape(paths.root.name)}</h1><p>{html.escape(md[2])}</p>{imgs}
 {'<p><a href="pareto.html">interactive charts</a></p>' if interactive else ''}
 <h2>Frontier policies</h2><table><tr>{head}</tr>{body}</table>

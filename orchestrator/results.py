@@ -3,8 +3,8 @@ keyed by (policy_id, stage, lr). Upserts rewrite the file atomically, so a resum
 holds duplicate rows."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -14,13 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from workloads.quant.policy import Policy
 
 from . import search_table
 from .indicators import Indicators
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FIXED_BITS = 8
 FP_BITS = 32
@@ -51,15 +55,15 @@ class ModelCosts:
     fp_size_bits: int      # 32 · every weight, fixed layers included
 
     @classmethod
-    def from_indicators(cls, ind: Indicators) -> "ModelCosts":
+    def from_indicators(cls, ind: Indicators) -> ModelCosts:
         return cls(tuple(l.name for l in ind.layers), tuple(l.macs for l in ind.layers),
                    tuple(l.params for l in ind.layers),
                    sum(f.macs * f.w_bits * f.a_bits for f in ind.fixed), sum(f.params * f.w_bits for f in ind.fixed),
                    FP_BITS * (sum(l.params for l in ind.layers) + sum(f.params for f in ind.fixed)))
 
     @classmethod
-    def from_model(cls, model: "nn.Module", input_shape: Sequence[int],
-                   fixed_layers: Sequence[str] | None = None) -> "ModelCosts":
+    def from_model(cls, model: nn.Module, input_shape: Sequence[int],
+                   fixed_layers: Sequence[str] | None = None) -> ModelCosts:
         """From the cost model (one forward pass). Searchable layers in registration order, as the
         indicator stage lists them; fixed layers default to first conv + last linear."""
         from torch import nn  # here, not at the top: search workers should not import torch
@@ -110,7 +114,7 @@ class SearchOutput:
         if policy is not None:
             self.policies.setdefault(policy.policy_id, policy)
 
-    def extend(self, other: "SearchOutput") -> "SearchOutput":
+    def extend(self, other: SearchOutput) -> SearchOutput:
         for r in other.rows:
             self.rows.append(r)
         for k, p in other.policies.items():

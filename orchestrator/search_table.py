@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as ds

@@ -16,7 +16,7 @@ Each selection says which evaluations it gets: ``finetune`` (single-bit LSQ QAT)
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from workloads.quant.policy import Policy
 

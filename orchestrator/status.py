@@ -120,7 +120,8 @@ def study_status(root: str | os.PathLike) -> dict:
     except (OSError, ValueError):
         st = {}
     alive = _alive(st) if st else False
-    results = read_results(root / "results" / "results.parquet") if (root / "results" / "results.parquet").exists() else []
+    results_file = root / "results" / "results.parquet"
+    results = read_results(results_file) if results_file.exists() else []
     selected = []
     if (root / "search" / "selected.json").exists():
         selected = json.loads((root / "search" / "selected.json").read_text()).get("selected", [])

@@ -15,10 +15,10 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyarrow.parquet as pq
 import yaml
@@ -27,13 +27,13 @@ from workloads.quant import Policy
 
 from .atomic import atomic_path, write_json
 from .config import Config, dump_config
-from .errors import UserError
 from .console import CONSOLE
+from .diskspace import as_disk_full, short_of_space
+from .errors import UserError
 from .interrupts import Interrupted, received
 from .lock import StudyLock
 from .paths import StudyPaths
 from .preflight import claim_study, record_weights
-from .diskspace import as_disk_full, short_of_space
 from .ray_session import ray_session, require_resources
 from .results import read_results, upsert_results
 from .status import StatusWriter
@@ -302,11 +302,11 @@ class Study:
             self.echo(f"[mlflow] backfilled {n} result(s) recorded while MLflow was unreachable")
 
     def _finish_parent(self) -> None:
-        for name, rel in (("search.parquet", "search/search.parquet"), ("results.parquet", "results/results.parquet"),
+        for _name, rel in (("search.parquet", "search/search.parquet"), ("results.parquet", "results/results.parquet"),
                           ("timings.json", "timings.json"), ("config.yaml", "config.yaml")):
             self.tracker.log_artifact(self.parent_run, self.paths.root / rel, "tables")
         self.tracker.set_tags(self.parent_run, {"mpq.status": "complete"})
-        for name, run_id in self.stage_runs.items():
+        for run_id in self.stage_runs.values():
             self.tracker.finish(run_id)
         self.tracker.finish(self.parent_run)
 
@@ -415,7 +415,8 @@ class Study:
                       f"{summary['infeasible']} infeasible), {summary['distinct_policies']} distinct policies")
             run = self._stage_run("search")
             self.tracker.log_params(run, {"limpq_points": summary["limpq_points"], "alpha": cfg.search.alpha,
-                                          "bitops": cfg.search.bitops, "compression_ratio": cfg.search.compression_ratio,
+                                          "bitops": cfg.search.bitops,
+                                          "compression_ratio": cfg.search.compression_ratio,
                                           "qem": cfg.mixquant.qem})
             self.tracker.log_metrics(run, summary)
             self.tracker.log_artifact(run, self.search_path)
@@ -512,7 +513,8 @@ class Study:
                              "seconds": float(o.metrics.get("time_total_s", 0.0))})
             stopped = sum(r["status"] == "stopped" for r in rows)
             if stopped:
-                self.echo(f"[finetune] {stopped} trial(s) early-stopped by ASHA (recorded as stopped, never on a frontier)")
+                self.echo(f"[finetune] {stopped} trial(s) early-stopped by ASHA "
+                          "(recorded as stopped, never on a frontier)")
             # Trials run concurrently: compute time is the union of their epochs' wall-clock spans.
             self.compute_seconds["finetune"] = _union_seconds(
                 (h["epoch_start"], h["epoch_start"] + h["epoch_seconds"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"   # Ray Train V2's list of a run's checkpoints
 

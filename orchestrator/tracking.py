@@ -20,8 +20,8 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 from .errors import UserError
 from .paths import StudyPaths
@@ -106,7 +106,7 @@ class Tracker:
         self.seconds += time.perf_counter() - t0
 
     @classmethod
-    def disabled(cls, study_id: str = "") -> "Tracker":
+    def disabled(cls, study_id: str = "") -> Tracker:
         return cls(None, "", study_id)
 
     def lost(self, err: BaseException) -> None:

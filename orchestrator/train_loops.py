@@ -26,13 +26,30 @@ import torch
 from torch import nn
 
 from workloads.cost import layer_costs
-from workloads.errors import InputError
 from workloads.data import load_data, subset
+from workloads.errors import InputError
 from workloads.models import build_model
-from workloads.quant import (draw_random_policies, indicator_records, quant_layers, quantize_model,
-                             searchable_names, set_uniform)
-from workloads.train import (average_over_ranks_, broadcast_parameters, cosine_with_warmup, evaluate, joint_step,
-                             make_loader, quant_sgd, seed_epoch, sgd, train_epoch, world)
+from workloads.quant import (
+    draw_random_policies,
+    indicator_records,
+    quant_layers,
+    quantize_model,
+    searchable_names,
+    set_uniform,
+)
+from workloads.train import (
+    average_over_ranks_,
+    broadcast_parameters,
+    cosine_with_warmup,
+    evaluate,
+    joint_step,
+    make_loader,
+    quant_sgd,
+    seed_epoch,
+    sgd,
+    train_epoch,
+    world,
+)
 
 from .config import Config, config_from_dict
 from .console import ProgressTicker

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_mlflow import TINY
 
 from orchestrator.config import load_config
 from orchestrator.diskspace import DiskWatch, as_disk_full, disk_full, estimate_need, short_of_space
 from orchestrator.paths import StudyPaths
 from orchestrator.ray_session import ray_processes
 from orchestrator.status import study_status
-from test_mlflow import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.yaml")

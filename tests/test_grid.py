@@ -17,8 +17,16 @@ import ray
 
 from orchestrator.config import SearchCfg
 from orchestrator.errors import UserError
-from orchestrator.grid import (KILL_ENV, POINTS_DIR, POLICIES_FILE, Uniform, auto_batch_size, build_grid,
-                               parse_spec, run_grid)
+from orchestrator.grid import (
+    KILL_ENV,
+    POINTS_DIR,
+    POLICIES_FILE,
+    Uniform,
+    auto_batch_size,
+    build_grid,
+    parse_spec,
+    run_grid,
+)
 from orchestrator.ilp import LimpqIlp
 from orchestrator.indicators import Indicators
 from orchestrator.search_rows import ModelCosts
@@ -201,7 +209,8 @@ def test_ten_thousand_points(local_ray, tmp_path):
     ilp = LimpqIlp(ind, alpha=2.0)
     for r in random.Random(0).sample(res.rows, 25):  # spot-check against points solved alone
         alone = ilp.solve_many([_budgets(r)], reuse=False)[0]
-        assert alone.status == r["status"] and (alone.w_bits, alone.a_bits) == ((r["w_bits"] or []), (r["a_bits"] or []))
+        assert alone.status == r["status"]
+        assert (alone.w_bits, alone.a_bits) == ((r["w_bits"] or []), (r["a_bits"] or []))
     again = run_grid(ind, cfg, tmp_path / "grid", use_ray=True, progress=False)
     assert again.n_solved == 0 and again.n_resumed == 10_000
 

@@ -100,7 +100,7 @@ def _highs(ind: Indicators, alpha: float, bits, bitops: float | None, size: floa
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     desc = sorted(bits, reverse=True)
-    cols, cost, rows_b, rows_s, owner = [], [], [], [], []
+    cols, cost, rows_b, rows_s = [], [], [], []
     for i, l in enumerate(ind.layers):
         fw = {lo for hi, lo in zip(desc, desc[1:]) if l.weight[lo] < l.weight[hi]}
         fa = {lo for hi, lo in zip(desc, desc[1:]) if l.act[lo] < l.act[hi]}

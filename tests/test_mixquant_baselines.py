@@ -8,11 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.baselines import (Budget, budgets_from_rows, random_policies, random_policy, run_baselines,
-                                    uniform_policies)
+from orchestrator.baselines import (
+    Budget,
+    budgets_from_rows,
+    random_policies,
+    random_policy,
+    run_baselines,
+    uniform_policies,
+)
 from orchestrator.config import BaselinesCfg, MixQuantCfg
 from orchestrator.errors import UserError
-from orchestrator.mixquant import (CACHE_NAME, QeTable, load_or_compute_qe_table, mixquant_sweep, run_mixquant)
+from orchestrator.mixquant import CACHE_NAME, QeTable, load_or_compute_qe_table, mixquant_sweep, run_mixquant
 from orchestrator.search_rows import ModelCosts, rows_to_table
 from workloads.data import load_data
 from workloads.models import build_model
@@ -213,7 +219,8 @@ def test_random_policy_below_the_lowest_policy_is_infeasible(trained):
     # exactly the lowest policy's cost fits, and nothing can be raised
     w, a = random_policy(costs, Budget(bitops=lowest), [2, 4], rng)
     assert w == a == [2] * len(costs.layers)
-    out = random_policies(costs, [Budget(bitops=lowest - 1), Budget(size_bits=costs.size_bits([2] * len(costs.layers)) - 1)],
+    out = random_policies(costs, [Budget(bitops=lowest - 1),
+                                  Budget(size_bits=costs.size_bits([2] * len(costs.layers)) - 1)],
                           [2, 3, 4], seed=0)
     assert [r["status"] for r in out.rows] == ["infeasible", "infeasible"]
     assert all(r["policy_id"] is None and r["bitops"] is None and r["reason"] for r in out.rows)

@@ -4,7 +4,6 @@ import math
 import re
 from xml.etree import ElementTree
 
-
 from orchestrator.pareto import HTML_NAME, frontier_table, pareto_front, plot_pareto
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,9 +6,22 @@ import torch
 from torch import nn
 
 from workloads.models import SmallCNN, build_model
-from workloads.quant import (LsqQuantizer, Policy, QConv2d, QLinear, SwitchableBatchNorm2d, indicator_records,
-                             lsq_quantize, quant_layers, quantize_model, searchable_names, set_full_precision,
-                             set_policy, set_random, set_uniform)
+from workloads.quant import (
+    LsqQuantizer,
+    Policy,
+    QConv2d,
+    QLinear,
+    SwitchableBatchNorm2d,
+    indicator_records,
+    lsq_quantize,
+    quant_layers,
+    quantize_model,
+    searchable_names,
+    set_full_precision,
+    set_policy,
+    set_random,
+    set_uniform,
+)
 from workloads.quant.lsq import qrange
 
 
@@ -131,7 +144,7 @@ def test_policies_set_exactly_what_they_say():
         assert m.bits == (None, None)
     g = torch.Generator().manual_seed(3)
     pol = set_random(model, [6, 4, 2], g)
-    for (n, m), w, a in zip(quant_layers(model), pol.w_bits, pol.a_bits):
+    for (_n, m), w, a in zip(quant_layers(model), pol.w_bits, pol.a_bits):
         assert m.bits == (w, a) and m.bn.active == w
     explicit = Policy(tuple(names), (6, 2, 4, 4, 2), (2, 2, 6, 6, 4))
     set_policy(model, explicit)
@@ -150,7 +163,7 @@ def test_single_bit_mode_and_indicator_records():
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:-1]
     pol = Policy(tuple(names), (4, 3, 2, 5, 6), (8, 4, 4, 4, 2))
     quantize_model(model, policy=pol)
-    for (n, m), w, a in zip(quant_layers(model), pol.w_bits, pol.a_bits):
+    for (_n, m), w, a in zip(quant_layers(model), pol.w_bits, pol.a_bits):
         assert m.w_quant.bits == (w,) and m.a_quant.bits == (a,) and m.bits == (w, a)
     model.train()
     model(torch.randn(8, 1, 28, 28))

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_mlflow import TINY
 
 from orchestrator.paths import StudyPaths
 from orchestrator.ray_session import ray_processes
-from test_mlflow import TINY
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

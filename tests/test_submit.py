@@ -326,7 +326,8 @@ def test_resource_shortfall():
     cpu2 = [{"CPU": 2.0}]
     gpu_cluster = [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}]
     assert resource_shortfall(cpu2, cfg()) is None
-    assert "needs 1 GPU worker(s) but the cluster has 0 GPU(s)" in resource_shortfall(cpu2, cfg("resources.use_gpu=true"))
+    assert "needs 1 GPU worker(s) but the cluster has 0 GPU(s)" in resource_shortfall(
+        cpu2, cfg("resources.use_gpu=true"))
     assert resource_shortfall(gpu_cluster, cfg("resources.use_gpu=true", "resources.cpus_per_worker=4")) is None
     assert "needs 2 GPU worker(s)" in resource_shortfall(gpu_cluster, cfg("resources.use_gpu=true",
                                                                           "resources.num_workers=2"))
@@ -393,8 +394,13 @@ def test_runtime_env_and_entrypoint(tmp_path):
     import yaml
 
     from orchestrator.errors import UserError
-    from orchestrator.jobs import (build_runtime_env, config_in_working_dir, entrypoint, normalize_address,
-                                   read_runtime_env_file)
+    from orchestrator.jobs import (
+        build_runtime_env,
+        config_in_working_dir,
+        entrypoint,
+        normalize_address,
+        read_runtime_env_file,
+    )
 
     base = read_runtime_env_file(str(ROOT / "cluster" / "runtime_env.yaml"))
     env = build_runtime_env(ROOT, base=base, env_vars={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})

@@ -7,8 +7,8 @@ Parameters are weight elements (biases are not quantized and not counted, as in 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -5,8 +5,8 @@ its file in the local torch hub cache (``resolve_weights``). Nothing is download
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,8 @@ TORCHVISION = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "re
                "resnext101_32x8d", "mobilenet_v2"}
 
 
-def build_model(name: str, num_classes: int, in_channels: int | None = None, checkpoint: str | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int, in_channels: int | None = None,
+                checkpoint: str | None = None) -> nn.Module:
     if name not in REGISTRY:
         raise InputError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     kwargs = {}
@@ -205,4 +206,5 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
         raise InputError(f"checkpoint {path} does not fit the model: {detail}") from None
     if missing or unexpected:
-        raise InputError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise InputError(f"checkpoint {path} does not fit the model: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -109,7 +109,7 @@ class JointStepResult:
 
 def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequence[int],
                optimizer: torch.optim.Optimizer, criterion: nn.Module, random_policy: Policy,
-               scaler: "torch.amp.GradScaler | None" = None, amp_dtype: torch.dtype | None = None) -> JointStepResult:
+               scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None) -> JointStepResult:
     """One LIMPQ joint step: the n uniform policies, then ``random_policy`` (drawn by the caller with
     ``draw_random_policies`` from a generator seeded identically on all ranks, so the ranks train the
     same policy and the lazy step-size inits line up). Reads nothing back to the host once every

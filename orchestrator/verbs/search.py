@@ -110,8 +110,8 @@ def run(args) -> int:
 def _summary(res, where: str, wall: float, show: int) -> None:
     from ..grid import POINTS_DIR, POLICIES_FILE
 
-    CONSOLE.echo(f"search: {res.n_points} points: {res.count('optimal')} optimal, {res.count('infeasible')} infeasible, "
-          f"{res.count('error')} error; {res.n_policies} distinct policies")
+    CONSOLE.echo(f"search: {res.n_points} points: {res.count('optimal')} optimal, "
+          f"{res.count('infeasible')} infeasible, {res.count('error')} error; {res.n_policies} distinct policies")
     CONSOLE.echo(f"  {res.n_solved} solved now, {res.n_resumed} resumed from the table; "
           f"{res.n_batches} batch(es) of <= {res.batch_size} points {where}; wall {wall:.1f} s "
           f"(grid {res.wall_seconds:.1f} s, Σ solve {res.solve_seconds:.1f} s)")

@@ -51,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"),
                    help="Ray dashboard / job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default: .)")
-    p.add_argument("--runtime-env", metavar="YAML", help="runtime_env file to start from (e.g. cluster/runtime_env.yaml)")
+    p.add_argument("--runtime-env", metavar="YAML",
+                   help="runtime_env file to start from (e.g. cluster/runtime_env.yaml)")
     p.add_argument("--pip", action="store_true",
                    help="install the pinned dependencies (constraints.txt) in the job's runtime_env "
                         "instead of relying on the cluster image")
@@ -124,7 +125,8 @@ def run(args) -> int:
 
     # 3. submit
     if cfg.resources.address not in (None, "auto"):
-        _echo(f"note: resources.address={cfg.resources.address} is replaced by auto: the job joins the cluster it runs on")
+        _echo(f"note: resources.address={cfg.resources.address} is replaced by auto: "
+              "the job joins the cluster it runs on")
     if not Path(cfg.study.dir).is_absolute():
         _echo(f"warning: study.dir {cfg.study.dir!r} is relative: on the cluster it lands in the job's temporary "
               "working dir; use a shared path (e.g. study.dir=/mnt/shared/studies/NAME)")

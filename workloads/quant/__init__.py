@@ -11,8 +11,9 @@ _EXPORTS = {
     "LsqQuantizer": ".lsq", "lsq_quantize": ".lsq",
     "QConv2d": ".modules", "QLinear": ".modules", "SwitchableBatchNorm2d": ".modules",
     "Policy": ".policy",
-    **{n: ".swap" for n in ("draw_random_policies", "indicator_records", "quant_layers", "quant_parameters", "quantize_model",
-                            "searchable_names", "set_full_precision", "set_policy", "set_random", "set_uniform")},
+    **{n: ".swap" for n in ("draw_random_policies", "indicator_records", "quant_layers", "quant_parameters",
+                            "quantize_model", "searchable_names", "set_full_precision", "set_policy", "set_random",
+                            "set_uniform")},
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,7 +2,7 @@
 switchable BatchNorm2d that keeps one set of statistics and affine parameters per bit-width."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -22,7 +22,7 @@ class Policy:
         object.__setattr__(self, "a_bits", tuple(int(b) for b in self.a_bits))
 
     @classmethod
-    def uniform(cls, layers, w: int, a: int | None = None) -> "Policy":
+    def uniform(cls, layers, w: int, a: int | None = None) -> Policy:
         layers = tuple(layers)
         return cls(layers, (w,) * len(layers), ((a if a is not None else w),) * len(layers))
 
@@ -39,5 +39,5 @@ class Policy:
         return {"layers": list(self.layers), "w_bits": list(self.w_bits), "a_bits": list(self.a_bits)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Policy":
+    def from_json(cls, d: dict) -> Policy:
         return cls(tuple(d["layers"]), tuple(d["w_bits"]), tuple(d["a_bits"]))

@@ -8,7 +8,7 @@ Activations use the same quantizer with a range (min/max) observed on a few cali
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ switch it between full precision, uniform bits, random policies and explicit per
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
