@@ -210,7 +210,7 @@ class Config:
         need(bool(self.search.bitops or self.search.compression_ratio or self.search.latency),
              "search needs at least one budget: search.bitops, search.compression_ratio and/or search.latency")
         need(self.search.batch_size is None or self.search.batch_size >= 1, "search.batch_size must be >= 1")
-        from .grid import check_search_cfg  # budget spec syntax, latency needs a table
+        from .budget_specs import check_search_cfg  # budget spec syntax, latency needs a table
         try:
             check_search_cfg(self.search)
         except UserError as e:

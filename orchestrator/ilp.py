@@ -91,8 +91,6 @@ from workloads.quant.policy import Policy
 from .errors import UserError
 from .indicators import Indicators
 
-FIXED_W_BITS = 8
-FIXED_A_BITS = 8
 FP_BITS = 32
 MB_BITS = 1024 * 1024 * 8   # LIMPQ's "MB": 2^20 bytes of 8 bits
 GIGA = 1e9                  # LIMPQ's "GBitOPs"

@@ -192,9 +192,5 @@ class Indicators:
         except (json.JSONDecodeError, pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: unreadable indicator file ({type(e).__name__}: {e})") from None
 
-    def save(self, path: str | Path) -> None:
-        (self.to_json if Path(path).suffix == ".json" else self.to_parquet)(path)
-
-
 def _num(v) -> float:
     return float("nan") if v is None else float(v)

@@ -15,16 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from orchestrator.budget_specs import Uniform, parse_spec
 from orchestrator.config import SearchCfg
 from orchestrator.errors import UserError
 from orchestrator.grid import (
     KILL_ENV,
     POINTS_DIR,
     POLICIES_FILE,
-    Uniform,
     auto_batch_size,
     build_grid,
-    parse_spec,
     run_grid,
 )
 from orchestrator.ilp import LimpqIlp

@@ -116,12 +116,12 @@ def test_interrupted_at_every_stage_then_rerun(tmp_path):
 
     code, out, err, took = _interrupt_during(study, env, "report", signal.SIGINT, progress=False)
     _stopped_cleanly(study, "report", code, out, err, took)
-    assert "[ptq] done already, skipped" in out
+    assert "[ptq] finished in" in out  # the ptq stage interrupted before was completed by this run
 
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", DEFAULT, f"study.dir={study}", *TINY],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[finetune] done already, skipped" in done.stdout
+    assert "[finetune] done already, skipped" in done.stdout and "[ptq] done already, skipped" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr and "[resume]" not in done.stdout
     rows = pq.read_table(results).to_pylist()
     keys = [(r["policy_id"], r["stage"], r["lr"]) for r in rows]

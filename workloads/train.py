@@ -109,7 +109,7 @@ class JointStepResult:
 
 def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequence[int],
                optimizer: torch.optim.Optimizer, criterion: nn.Module, random_policy: Policy,
-               scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None) -> JointStepResult:
+               amp_dtype: torch.dtype | None = None) -> JointStepResult:
     """One LIMPQ joint step: the n uniform policies, then ``random_policy`` (drawn by the caller with
     ``draw_random_policies`` from a generator seeded identically on all ranks, so the ranks train the
     same policy and the lazy step-size inits line up). Reads nothing back to the host once every
@@ -123,39 +123,27 @@ def joint_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bits: Sequenc
         policies.append(configure())
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = criterion(model(x), y)
-        (scaler.scale(loss) if scaler else loss).backward()
+        loss.backward()  # bf16 autocast needs no GradScaler
         total += loss.detach().float()
     params = [p for p in model.parameters() if p.requires_grad]
     allreduce_gradients(params)
-    if scaler:
-        scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_value_(params, 1.0)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    optimizer.step()
     return JointStepResult(total / len(steps), policies)
 
 
 def single_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-                criterion: nn.Module, clip: float | None = None, scaler=None,
+                criterion: nn.Module, clip: float | None = None,
                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One ordinary step (FP pretraining, single-policy QAT). Under DDP the gradient sync is DDP's.
     Returns the loss on the device: reading it would sync every step."""
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = criterion(model(x), y)
-    (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        scaler.unscale_(optimizer)
+    loss.backward()
     if clip:
         torch.nn.utils.clip_grad_value_(model.parameters(), clip)
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    optimizer.step()
     return loss.detach().float()
 
 
@@ -224,12 +212,12 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, num_batches: int = 20,
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer, scheduler, criterion: nn.Module,
                 device="cpu", clip: float | None = None, on_step: Callable[[int, float], None] | None = None,
-                scaler=None, amp_dtype=None) -> dict[str, float]:
+                amp_dtype=None) -> dict[str, float]:
     model.train()
     t0, losses, n, steps = time.perf_counter(), torch.zeros((), device=device), 0, 0
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = single_step(model, x, y, optimizer, criterion, clip, scaler, amp_dtype)
+        loss = single_step(model, x, y, optimizer, criterion, clip, amp_dtype)
         if scheduler is not None:
             scheduler.step()
         losses += loss

@@ -71,8 +71,9 @@ def _bit_lists(values: list[str]) -> list[list[int]]:
 
 
 def run(args) -> int:
+    from ..budget_specs import check_search_cfg
     from ..config import SearchCfg
-    from ..grid import build_grid, check_search_cfg, run_grid
+    from ..grid import build_grid, run_grid
     from ..indicators import Indicators
     from ..paths import StudyPaths
     from ..preflight import writable_tree

@@ -11,7 +11,7 @@ _EXPORTS = {
     "LsqQuantizer": ".lsq", "lsq_quantize": ".lsq",
     "QConv2d": ".modules", "QLinear": ".modules", "SwitchableBatchNorm2d": ".modules",
     "Policy": ".policy",
-    **{n: ".swap" for n in ("draw_random_policies", "indicator_records", "quant_layers", "quant_parameters",
+    **{n: ".swap" for n in ("draw_random_policies", "indicator_records", "quant_layers",
                             "quantize_model", "searchable_names", "set_full_precision", "set_policy", "set_random",
                             "set_uniform")},
 }

@@ -169,6 +169,3 @@ def indicator_records(model: nn.Module) -> list[dict]:
     return rows
 
 
-def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The step sizes (so optimisers can treat them apart from weights, e.g. without decay)."""
-    return [p for n, p in _unwrap(model).named_parameters() if ".step." in n]
