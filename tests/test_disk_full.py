@@ -112,7 +112,9 @@ def test_a_study_on_a_disk_that_fills_up_then_is_enlarged(small_mount, tmp_path)
     assert "Traceback" not in full.stdout + full.stderr
     assert study_status(study)["state"] == "failed"
     assert ray_processes(StudyPaths(study).ray_temp_dir()) == []
-    assert not (study / "results" / "results.parquet").exists()  # never recorded half-done
+    # Where the disk fills depends on the machine's log volume; whatever was recorded before is finished.
+    results = study / "results" / "results.parquet"
+    assert all(r["status"] == "complete" for r in (pq.read_table(results).to_pylist() if results.exists() else []))
     assert not list(study.glob(".*.tmp")) + list(study.glob("*/.*.tmp"))  # no half-written output of ours
 
     subprocess.run(["mount", "-o", "remount,size=300m", str(small_mount)], check=True)
