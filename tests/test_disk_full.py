@@ -1,6 +1,7 @@
 """A full disk: recognised however it is wrapped, stopped by the free-space watch before Ray hangs on it,
 one line naming the directory and its free space, exit 1; the rerun after space is freed completes. The
-study case runs on a real, small tmpfs that the test mounts (root only; skipped otherwise)."""
+study case runs on a real 3 MB tmpfs (small enough to fill on any machine) that the test mounts (root only;
+skipped otherwise)."""
 from __future__ import annotations
 
 import errno
@@ -87,7 +88,7 @@ def small_mount(tmp_path):
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
@@ -108,7 +109,7 @@ def test_a_study_on_a_disk_that_fills_up_then_is_enlarged(small_mount, tmp_path)
     assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-3000:]
     line = full.stderr.strip()
     assert "\n" not in line and line.startswith(f"error: no space left in {study} (") and "free)" in line, line
-    assert f"[disk] {study} has 5.0 MB free; this study may need about" in full.stdout
+    assert f"[disk] {study} has 3.0 MB free; this study may need about" in full.stdout
     assert "Traceback" not in full.stdout + full.stderr
     assert study_status(study)["state"] == "failed"
     assert ray_processes(StudyPaths(study).ray_temp_dir()) == []
