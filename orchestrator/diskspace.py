@@ -53,13 +53,18 @@ def disk_full(exc: BaseException) -> OSError | str | None:
     return text
 
 
-def free_space(path: str | os.PathLike) -> str:
-    """Free space of the filesystem holding ``path`` (its nearest existing parent), human-readable."""
+def _existing(path: str | os.PathLike) -> Path:
+    """``path`` or its nearest existing parent (a study directory may not exist yet)."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """Free space of the filesystem holding ``path`` (its nearest existing parent), human-readable."""
     try:
-        return f"{_human(shutil.disk_usage(p).free)} free"
+        return f"{_human(shutil.disk_usage(_existing(path)).free)} free"
     except OSError:
         return "free space unknown"
 
@@ -173,11 +178,8 @@ def short_of_space(cfg, dirs) -> str | None:
     """One line when a directory the study writes to has less free space than it may need, else None."""
     need, how = estimate_need(cfg)
     for d in dict.fromkeys(Path(x) for x in dirs if x):
-        p = d
-        while not p.exists() and p != p.parent:
-            p = p.parent
         try:
-            free = shutil.disk_usage(p).free
+            free = shutil.disk_usage(_existing(d)).free
         except OSError:
             continue
         if free < need:
